@@ -1,0 +1,61 @@
+"""Turning the GPT into a two-class classifier: the new head, which layers train, and
+which token's hidden state the label is read from."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spam_gpt.model import GPTModel
+
+LABEL_NAMES = ("not spam", "spam")
+TRAINABLE_CHOICES = ("last_layer", "last_block", "last_two_blocks", "all")
+TOKEN_CHOICES = ("last", "last_real", "first")
+
+
+class SpamClassifier(nn.Module):
+    """A GPT whose ``out_head`` maps one token's hidden state to spam / not-spam logits.
+
+    ``token`` picks that position: ``last`` is the chapter's (the final position, padding
+    included), ``last_real`` the last non-padding token (with a causal mask, exactly the
+    unpadded computation), ``first`` the first token.
+    """
+
+    def __init__(self, gpt: GPTModel, token: str = "last", num_classes: int = len(LABEL_NAMES)):
+        super().__init__()
+        if token not in TOKEN_CHOICES:
+            raise ValueError(f"token must be one of {TOKEN_CHOICES}, not {token!r}")
+        self.token = token
+        self.gpt = gpt
+        if gpt.out_head.out_features != num_classes:
+            gpt.out_head = nn.Linear(gpt.cfg.emb_dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.gpt.features(input_ids)
+        if self.token == "last":
+            picked = hidden[:, -1, :]
+        elif self.token == "first":
+            picked = hidden[:, 0, :]
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            picked = hidden[rows, lengths.to(hidden.device) - 1, :]
+        return self.gpt.out_head(picked)
+
+
+def set_trainable_layers(classifier: SpamClassifier, trainable: str) -> None:
+    """Freeze the GPT, then unfreeze what ``trainable`` names (``last_block``: the chapter's
+    last transformer block and final LayerNorm, plus the new head in every case)."""
+    if trainable not in TRAINABLE_CHOICES:
+        raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, not {trainable!r}")
+    gpt = classifier.gpt
+    gpt.requires_grad_(trainable == "all")
+    gpt.out_head.requires_grad_(True)
+    blocks = {"last_block": 1, "last_two_blocks": 2}.get(trainable, 0)
+    if blocks:
+        gpt.final_norm.requires_grad_(True)
+        for block in gpt.trf_blocks[-blocks:]:
+            block.requires_grad_(True)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

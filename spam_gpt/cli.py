@@ -1,0 +1,175 @@
+"""The ``spam-gpt`` command: parses arguments, calls the library, prints results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from spam_gpt.config import PRESETS, TrainConfig
+
+EXAMPLES = """examples:
+  spam-gpt prepare --out data/
+  spam-gpt train --preset tiny --output runs/tiny
+  spam-gpt classify --model runs/tiny/model "You won a prize! Call now" "See you at 6?"
+  spam-gpt evaluate --model runs/tiny/model
+"""
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per :class:`TrainConfig` field, overriding the preset's value."""
+    group = parser.add_argument_group("preset overrides (default: the preset's value)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+            help=f.metadata.get("help", f"chapter default: {f.default}"),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spam-gpt",
+        description="Fine-tune GPT-2 into an SMS spam classifier (chapter 6 of 'Build a Large "
+        "Language Model (From Scratch)') and use it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = commands.add_parser(
+        "prepare", help="write the chapter's balanced train/validation/test splits",
+        description="Balance the SMS Spam Collection (747 ham, 747 spam), shuffle and split "
+        "it 70/10/20 exactly as the chapter does, and write CSV and Parquet files.",
+    )
+    prepare.add_argument("--out", required=True, help="folder for train/validation/test files")
+    add_source_options(prepare)
+
+    train = commands.add_parser(
+        "train", help="fine-tune a classifier",
+        description="Fine-tune per a preset: 'chapter' (pretrained gpt2-small, the book's "
+        "recipe), 'fast' (the same, per-batch padding, last real token), 'tiny' (a small "
+        "random model that trains on a laptop CPU in under a minute).",
+    )
+    train.add_argument("--preset", choices=list(PRESETS), default="chapter", help="default: chapter")
+    train.add_argument("--output", required=True, help="folder for model/, metrics.json, plots")
+    train.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
+    add_config_options(train)
+
+    classify = commands.add_parser("classify", help="label messages as spam or not spam")
+    classify.add_argument("--model", required=True, help="a checkpoint folder (DIR/model)")
+    classify.add_argument("texts", nargs="+", metavar="TEXT", help="messages to classify")
+    classify.add_argument("--json", action="store_true", help="print JSON lines")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and spam precision/recall of a model")
+    evaluate.add_argument("--model", required=True, help="a checkpoint folder (DIR/model)")
+    evaluate.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
+
+    generate = commands.add_parser("generate", help="greedy text generation with GPT-2 weights")
+    generate.add_argument("--weights", required=True, help="weights folder or name (gpt2-small…)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=20)
+    return parser
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source", help="SMSSpamCollection file, UCI zip or URL (default: the bundled copy)"
+    )
+    parser.add_argument("--sha256", help="expected SHA-256 of the collection file")
+
+
+def load_splits(data_dir: str | None) -> dict:
+    from spam_gpt.corpus import build_splits, read_splits
+
+    return read_splits(data_dir) if data_dir else build_splits()
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from spam_gpt.corpus import build_splits, read_source_bytes, write_splits
+
+    splits = build_splits(read_source_bytes(args.source, args.sha256))
+    for path in write_splits(splits, args.out):
+        print(path)
+    print(", ".join(f"{name}: {len(frame)} rows" for name, frame in splits.items()))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from spam_gpt.config import resolve_config
+    from spam_gpt.finetune import finetune, write_outputs
+
+    cfg = resolve_config(args.preset, {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "preset"})
+    result = finetune(cfg, load_splits(args.data))
+    outputs = write_outputs(result, args.output)
+    print_summary(result.metrics)
+    print(f"Model: {outputs['model']}\nMetrics and plots: {Path(args.output)}")
+
+
+def print_summary(metrics: dict) -> None:
+    print(
+        f"Training accuracy: {metrics['train_accuracy'] * 100:.2f}%\n"
+        f"Validation accuracy: {metrics['validation_accuracy'] * 100:.2f}%\n"
+        f"Test accuracy: {metrics['test_accuracy'] * 100:.2f}%\n"
+        f"Spam precision {metrics['spam_precision'] * 100:.2f}%, "
+        f"recall {metrics['spam_recall'] * 100:.2f}%, F1 {metrics['spam_f1'] * 100:.2f}%"
+    )
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from spam_gpt.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(args.model)
+    for text, prediction in zip(args.texts, predictor.predict(args.texts)):
+        if args.json:
+            print(json.dumps({"text": text, **prediction._asdict()}))
+        else:
+            print(f"{prediction.label}\t{prediction.spam_probability:.4f}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from spam_gpt.evaluation import evaluate_predictor
+    from spam_gpt.predictor import Predictor
+
+    metrics = evaluate_predictor(Predictor.from_checkpoint(args.model), load_splits(args.data))
+    print_summary(metrics)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from spam_gpt.model import generate_text_simple
+    from spam_gpt.tokenizer import encode_text, get_tokenizer
+    from spam_gpt.weights import load_pretrained_gpt
+
+    model, _ = load_pretrained_gpt(args.weights)
+    prompt = torch.tensor([encode_text(args.prompt)])
+    out = generate_text_simple(model, prompt, args.max_new_tokens, model.cfg.context_length)
+    print(get_tokenizer().decode(out[0].tolist()))
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "classify": cmd_classify,
+    "evaluate": cmd_evaluate,
+    "generate": cmd_generate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as error:  # our errors say what to do
+        print(f"spam-gpt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

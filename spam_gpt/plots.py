@@ -1,0 +1,78 @@
+"""The chapter's loss and accuracy plots (epochs below, examples seen above) and a
+confusion-matrix plot, each written as PDF and PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs on headless workers
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from spam_gpt.classifier import LABEL_NAMES  # noqa: E402
+from spam_gpt.training import TrainingHistory  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, out_dir: Path, stem: str) -> list[Path]:
+    paths = [out_dir / f"{stem}.pdf", out_dir / f"{stem}.png"]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def plot_values(
+    epochs_seen: torch.Tensor,
+    examples_seen: torch.Tensor,
+    train_values: list[float],
+    val_values: list[float],
+    label: str,
+    out_dir: Path,
+) -> list[Path]:
+    """One curve per split against epochs, with a second x-axis of examples seen."""
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+    ax2 = ax1.twiny()
+    ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the top axis
+    ax2.set_xlabel("Examples seen")
+    fig.tight_layout()
+    return save_figure(fig, out_dir, f"{label}-plot")
+
+
+def plot_history(history: TrainingHistory, out_dir: str | Path) -> list[Path]:
+    """``loss-plot`` and ``accuracy-plot`` as the chapter draws them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = history.epochs_done
+    paths = []
+    for label, train, val in (
+        ("loss", history.train_losses, history.val_losses),
+        ("accuracy", history.train_accs, history.val_accs),
+    ):
+        epochs_seen = torch.linspace(0, epochs, len(train))
+        examples_seen = torch.linspace(0, history.examples_seen, len(train))
+        paths += plot_values(epochs_seen, examples_seen, train, val, label, out)
+    return paths
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, out_dir: str | Path) -> list[Path]:
+    """Test-set counts, true label by row, so a reader sees what the filter gets wrong."""
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set_xticks([0, 1], labels=LABEL_NAMES)
+    ax.set_yticks([0, 1], labels=LABEL_NAMES)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    peak = confusion.max().item()
+    for (row, col), count in zip([(0, 0), (0, 1), (1, 0), (1, 1)], confusion.flatten().tolist()):
+        color = "white" if count > peak / 2 else "black"
+        ax.text(col, row, f"{int(count)}", ha="center", va="center", color=color, fontsize=14)
+    ax.set_title("Test set")
+    fig.tight_layout()
+    return save_figure(fig, Path(out_dir), "confusion-matrix")

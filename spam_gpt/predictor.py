@@ -1,0 +1,72 @@
+"""One predictor for ``classify``, Ray Data scoring and Ray Serve alike.
+
+It loads a model once, then for each call tokenizes, truncates as the chapter does, sorts
+by length so that each batch pads only to its own longest message, and runs under
+``torch.inference_mode``. Models that read the last position (the chapter's ``last``)
+are padded to their training length instead, because padding changes their answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from spam_gpt.checkpoint import ClassifierMeta, load_classifier
+from spam_gpt.classifier import SpamClassifier
+from spam_gpt.dataset import pad_token_ids
+from spam_gpt.tokenizer import encode_text
+from spam_gpt.training import autocast_for
+
+
+class Prediction(NamedTuple):
+    label: str
+    spam_probability: float
+
+
+class Predictor:
+    def __init__(
+        self,
+        classifier: SpamClassifier,
+        meta: ClassifierMeta,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ):
+        self.device = torch.device(device)
+        self.classifier = classifier.to(self.device).eval()
+        self.meta = meta
+        self.batch_size = batch_size
+        context = classifier.gpt.cfg.context_length
+        self.max_length = min(meta.max_length, context)
+        self.pad_to = meta.max_length if meta.token == "last" else None
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **kwargs) -> Predictor:
+        return cls(*load_classifier(path), **kwargs)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [encode_text(text)[: self.max_length] for text in texts]
+
+    def spam_probabilities(self, token_ids: Sequence[Sequence[int]]) -> list[float]:
+        """P(spam) per message, in input order, from already tokenized messages."""
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        probabilities = [0.0] * len(token_ids)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                input_ids, lengths = pad_token_ids([token_ids[i] for i in chunk], self.pad_to)
+                with autocast_for(self.device):
+                    logits = self.classifier(input_ids.to(self.device), lengths.to(self.device))
+                spam = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
+                for i, p in zip(chunk, spam):
+                    probabilities[i] = p
+        return probabilities
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Label and spam probability per text, in input order."""
+        labels = self.meta.labels
+        return [
+            Prediction(labels[int(p > 0.5)], p)
+            for p in self.spam_probabilities(self.tokenize(texts))
+        ]

@@ -1,0 +1,214 @@
+"""The chapter's loss, accuracy and training-loop functions, made safe for several workers.
+
+Each function keeps the chapter's name and meaning. Where the chapter averages over the
+batches one process sees, these first sum per batch, then call ``reduce`` (identity in
+one process, an all-reduce across Ray Train workers) so every worker reports the same
+numbers over all workers' data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from spam_gpt.dataset import Batch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_only(tensor: torch.Tensor) -> torch.Tensor:
+    """The reduce of a single process: its own numbers are everyone's."""
+    return tensor
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs; full precision on CPUs, where bf16 is slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_logits(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    with autocast_for(device):
+        return model(batch.input_ids.to(device), batch.lengths.to(device)).float()
+
+
+def calc_loss_batch(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Cross-entropy of the classification logits against the labels."""
+    return F.cross_entropy(batch_logits(batch, model, device), batch.labels.to(device))
+
+
+def first_batches(data_loader: DataLoader, num_batches: int | None) -> Iterator[tuple[int, Batch]]:
+    """The first ``num_batches`` batches (all when ``None``), numbered."""
+    limit = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    return zip(range(limit), data_loader)
+
+
+def calc_loss_loader(
+    data_loader: DataLoader,
+    model: torch.nn.Module,
+    device: torch.device,
+    num_batches: int | None = None,
+    reduce: Reduce = local_only,
+) -> float:
+    """Mean over batches of each batch's mean loss, as the chapter computes it."""
+    limit = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    if limit == 0:
+        return float("nan")
+    sums = torch.zeros(limit, dtype=torch.float64)
+    counts = torch.zeros(limit, dtype=torch.float64)
+    for i, batch in first_batches(data_loader, limit):
+        if len(batch.labels):
+            logits = batch_logits(batch, model, device)
+            loss = F.cross_entropy(logits, batch.labels.to(device), reduction="sum")
+            sums[i], counts[i] = loss.item(), len(batch.labels)
+    sums, counts = reduce(sums), reduce(counts)
+    return (sums / counts).mean().item()
+
+
+def confusion_matrix_loader(
+    data_loader: DataLoader,
+    model: torch.nn.Module,
+    device: torch.device,
+    num_batches: int | None = None,
+    reduce: Reduce = local_only,
+) -> torch.Tensor:
+    """Counts ``[true label, predicted label]`` over the first ``num_batches`` batches."""
+    counts = torch.zeros(2, 2, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for _, batch in first_batches(data_loader, num_batches):
+            if len(batch.labels):
+                predicted = batch_logits(batch, model, device).argmax(dim=-1).cpu()
+                counts.index_put_((batch.labels, predicted), torch.ones(len(predicted), dtype=torch.float64), accumulate=True)
+    return reduce(counts)
+
+
+def calc_accuracy_loader(
+    data_loader: DataLoader,
+    model: torch.nn.Module,
+    device: torch.device,
+    num_batches: int | None = None,
+    reduce: Reduce = local_only,
+) -> float:
+    """Share of correct argmax predictions (the chapter's accuracy)."""
+    counts = confusion_matrix_loader(data_loader, model, device, num_batches, reduce)
+    return (counts.trace() / counts.sum()).item()
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    device: torch.device,
+    eval_iter: int,
+    reduce: Reduce = local_only,
+) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, reduce)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, reduce)
+    model.train()
+    return train_loss, val_loss
+
+
+@dataclass
+class TrainingHistory:
+    """What the chapter's ``train_classifier_simple`` returns, plus where it stopped."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_examples: list[int] = field(default_factory=list)
+    train_accs: list[float] = field(default_factory=list)
+    val_accs: list[float] = field(default_factory=list)
+    examples_seen: int = 0
+    global_step: int = -1
+    epochs_done: int = 0
+
+
+EvalHook = Callable[[TrainingHistory], None]
+EpochHook = Callable[[TrainingHistory], None]
+
+
+def train_classifier_simple(
+    model: torch.nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    *,
+    history: TrainingHistory | None = None,
+    reduce: Reduce = local_only,
+    on_eval: EvalHook | None = None,
+    on_epoch_end: EpochHook | None = None,
+    verbose: bool = True,
+) -> TrainingHistory:
+    """The chapter's loop: a step per batch, losses every ``eval_freq`` steps on
+    ``eval_iter`` batches, accuracies on ``eval_iter`` batches after each epoch.
+
+    ``history`` continues a stopped run from its last finished epoch; ``examples_seen``
+    counts examples over all workers.
+    """
+    history = history or TrainingHistory()
+    world_size = round(reduce(torch.ones(1, dtype=torch.float64)).item())
+    log = tqdm.write if verbose else (lambda _line: None)
+    for epoch in range(history.epochs_done, num_epochs):
+        model.train()
+        steps = tqdm(
+            train_loader, desc=f"Epoch {epoch + 1}/{num_epochs}", unit="step",
+            disable=not verbose, leave=False,
+        )
+        for batch in steps:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(batch, model, device)
+            loss.backward()
+            optimizer.step()
+            history.examples_seen += batch.input_ids.shape[0] * world_size
+            history.global_step += 1
+            if history.global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(
+                    model, train_loader, val_loader, device, eval_iter, reduce
+                )
+                history.train_losses.append(train_loss)
+                history.val_losses.append(val_loss)
+                history.eval_steps.append(history.global_step)
+                history.eval_examples.append(history.examples_seen)
+                steps.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
+                log(
+                    f"Ep {epoch + 1} (Step {history.global_step:06d}): "
+                    f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+                )
+                if on_eval:
+                    on_eval(history)
+        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, reduce)
+        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, reduce)
+        log(
+            f"Training accuracy: {train_accuracy * 100:.2f}% | "
+            f"Validation accuracy: {val_accuracy * 100:.2f}%"
+        )
+        history.train_accs.append(train_accuracy)
+        history.val_accs.append(val_accuracy)
+        history.epochs_done = epoch + 1
+        if on_epoch_end:
+            on_epoch_end(history)
+    return history
+
+
+def spam_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Precision, recall and F1 of the spam class from ``[true, predicted]`` counts."""
+    tp, fp, fn = confusion[1, 1].item(), confusion[0, 1].item(), confusion[1, 0].item()
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"spam_precision": precision, "spam_recall": recall, "spam_f1": f1}
+
