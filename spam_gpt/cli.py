@@ -27,7 +27,10 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         group.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=kind,
+            default=None,
             help=f.metadata.get("help", f"chapter default: {f.default}"),
         )
 
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prepare = commands.add_parser(
-        "prepare", help="write the chapter's balanced train/validation/test splits",
+        "prepare",
+        help="write the chapter's balanced train/validation/test splits",
         description="Balance the SMS Spam Collection (747 ham, 747 spam), shuffle and split "
         "it 70/10/20 exactly as the chapter does, and write CSV and Parquet files.",
     )
@@ -51,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(prepare)
 
     train = commands.add_parser(
-        "train", help="fine-tune a classifier",
+        "train",
+        help="fine-tune a classifier",
         description="Fine-tune per a preset: 'chapter' (pretrained gpt2-small, the book's "
         "recipe), 'fast' (the same, per-batch padding, last real token), 'tiny' (a small "
         "random model that trains on a laptop CPU in under a minute).",
     )
-    train.add_argument("--preset", choices=list(PRESETS), default="chapter", help="default: chapter")
+    train.add_argument(
+        "--preset", choices=list(PRESETS), default="chapter", help="default: chapter"
+    )
     train.add_argument("--output", required=True, help="folder for model/, metrics.json, plots")
     train.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
     add_config_options(train)
@@ -103,7 +110,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from spam_gpt.config import resolve_config
     from spam_gpt.finetune import finetune, write_outputs
 
-    cfg = resolve_config(args.preset, {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "preset"})
+    cfg = resolve_config(
+        args.preset,
+        {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if f.name != "preset"
+        },
+    )
     result = finetune(cfg, load_splits(args.data))
     outputs = write_outputs(result, args.output)
     print_summary(result.metrics)

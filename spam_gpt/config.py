@@ -36,7 +36,8 @@ class TrainConfig:
         metadata={"help": "fixed: pad to max_length (chapter); batch: pad to each batch's longest"},
     )
     max_length: int = field(
-        default=0, metadata={"help": "truncate messages to this many tokens (0: longest training one)"}
+        default=0,
+        metadata={"help": "truncate messages to this many tokens (0: longest training one)"},
     )
     batch_size: int = field(
         default=8, metadata={"help": "global batch size, split evenly among workers"}
@@ -57,7 +58,9 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}"
+                )
         if self.weights == RANDOM_WEIGHTS and self.model not in MODEL_CONFIGS:
             raise ValueError(f"model must be one of {', '.join(MODEL_CONFIGS)}, not {self.model!r}")
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter")

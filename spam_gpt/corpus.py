@@ -176,7 +176,9 @@ def read_splits(data_dir: str | Path) -> dict[str, pd.DataFrame]:
                 f"`spam-gpt prepare --out {folder}`"
             )
         if list(frame.columns[:2]) != ["Label", "Text"] or not frame["Label"].isin([0, 1]).all():
-            raise CorpusError(f"{csv if csv.is_file() else parquet}: expected columns Label (0/1), Text")
+            raise CorpusError(
+                f"{csv if csv.is_file() else parquet}: expected columns Label (0/1), Text"
+            )
         splits[name] = frame
     return splits
 

@@ -26,7 +26,6 @@ from spam_gpt.dataset import SpamDataset, create_loader
 from spam_gpt.model import GPTModel, init_gpt2_weights, model_config
 from spam_gpt.plots import plot_confusion_matrix, plot_history
 from spam_gpt.training import (
-    EpochHook,
     EvalHook,
     Reduce,
     TrainingHistory,
@@ -107,8 +106,12 @@ def finetune(
     datasets = build_datasets(cfg, splits)
     loaders = {
         name: create_loader(
-            dataset, cfg.batch_size, train=name == "train", padding=cfg.padding,
-            rank=workers.rank, world_size=workers.world_size,
+            dataset,
+            cfg.batch_size,
+            train=name == "train",
+            padding=cfg.padding,
+            rank=workers.rank,
+            world_size=workers.world_size,
         )
         for name, dataset in datasets.items()
     }
@@ -140,9 +143,18 @@ def finetune(
         )
     started = time.perf_counter()
     history = train_classifier_simple(
-        model, loaders["train"], loaders["validation"], optimizer, workers.device,
-        cfg.epochs, cfg.eval_freq, cfg.eval_iter,
-        history=history, reduce=workers.reduce, on_eval=on_eval, verbose=verbose,
+        model,
+        loaders["train"],
+        loaders["validation"],
+        optimizer,
+        workers.device,
+        cfg.epochs,
+        cfg.eval_freq,
+        cfg.eval_iter,
+        history=history,
+        reduce=workers.reduce,
+        on_eval=on_eval,
+        verbose=verbose,
         on_epoch_end=(lambda h: on_epoch_end(h, classifier, optimizer)) if on_epoch_end else None,
     )
     training_seconds = time.perf_counter() - started
@@ -152,7 +164,9 @@ def finetune(
         )
         for name in ("train", "validation")
     }
-    confusion = confusion_matrix_loader(loaders["test"], model, workers.device, reduce=workers.reduce)
+    confusion = confusion_matrix_loader(
+        loaders["test"], model, workers.device, reduce=workers.reduce
+    )
     metrics = {
         **accuracies,
         "test_accuracy": (confusion.trace() / confusion.sum()).item(),
@@ -181,7 +195,11 @@ def write_outputs(result: FinetuneResult, output_dir: str | Path) -> dict[str, P
     out.mkdir(parents=True, exist_ok=True)
     model_dir = save_classifier(result.classifier, result.meta, out / "model")
     metrics_path = out / "metrics.json"
-    payload = {**result.metrics, "history": history_dict(result.history), "config": result.meta.train_config}
+    payload = {
+        **result.metrics,
+        "history": history_dict(result.history),
+        "config": result.meta.train_config,
+    }
     metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
     plots = plot_history(result.history, out) + plot_confusion_matrix(result.test_confusion, out)
     return {"model": model_dir, "metrics": metrics_path, **{p.name: p for p in plots}}

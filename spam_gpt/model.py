@@ -49,7 +49,9 @@ def model_config(name: str) -> GPTConfig:
     try:
         return MODEL_CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}") from None
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}"
+        ) from None
 
 
 class MultiHeadAttention(nn.Module):

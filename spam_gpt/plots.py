@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs on headless workers
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from spam_gpt.classifier import LABEL_NAMES  # noqa: E402
-from spam_gpt.training import TrainingHistory  # noqa: E402
+from spam_gpt.classifier import LABEL_NAMES
+from spam_gpt.training import TrainingHistory
 
 
 def save_figure(fig: plt.Figure, out_dir: Path, stem: str) -> list[Path]:

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+
+# tqdm.auto's async class calls iter() on its iterable at once, which draws from the
+# torch RNG through DataLoader and would shift every later shuffle.
+from tqdm import tqdm
 
 from spam_gpt.dataset import Batch
 
@@ -86,7 +89,11 @@ def confusion_matrix_loader(
         for _, batch in first_batches(data_loader, num_batches):
             if len(batch.labels):
                 predicted = batch_logits(batch, model, device).argmax(dim=-1).cpu()
-                counts.index_put_((batch.labels, predicted), torch.ones(len(predicted), dtype=torch.float64), accumulate=True)
+                counts.index_put_(
+                    (batch.labels, predicted),
+                    torch.ones(len(predicted), dtype=torch.float64),
+                    accumulate=True,
+                )
     return reduce(counts)
 
 
@@ -165,8 +172,11 @@ def train_classifier_simple(
     for epoch in range(history.epochs_done, num_epochs):
         model.train()
         steps = tqdm(
-            train_loader, desc=f"Epoch {epoch + 1}/{num_epochs}", unit="step",
-            disable=not verbose, leave=False,
+            train_loader,
+            desc=f"Epoch {epoch + 1}/{num_epochs}",
+            unit="step",
+            disable=not verbose,
+            leave=False,
         )
         for batch in steps:
             optimizer.zero_grad()
@@ -211,4 +221,3 @@ def spam_scores(confusion: torch.Tensor) -> dict[str, float]:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"spam_precision": precision, "spam_recall": recall, "spam_f1": f1}
-

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from spam_gpt.model import GPTConfig, GPTModel
 
@@ -197,7 +197,8 @@ def load_pretrained_gpt(source: str, drop_rate: float = 0.0) -> tuple[GPTModel, 
     try:
         state = hf_to_chapter_state_dict(read_hf_tensors(folder), cfg.n_layers)
     except KeyError as missing:
-        raise ValueError(f"{folder}: tensor {missing} is missing; is this a GPT-2 checkpoint?") from None
+        raise ValueError(
+            f"{folder}: tensor {missing} is missing; is this a GPT-2 checkpoint?"
+        ) from None
     model.load_state_dict(state, strict=True)
     return model, folder
-

@@ -1,0 +1,57 @@
+"""Shared fixtures: a trained tiny model, random GPT-2 weights written by transformers,
+and small local HTTP servers standing in for UCI and the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from spam_gpt.cli import main
+
+CHAPTER_SPAM = (
+    "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
+)
+CHAPTER_HAM = "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``spam-gpt train --preset tiny``, run once for the whole session."""
+    out = tmp_path_factory.mktemp("tiny-run")
+    assert main(["train", "--preset", "tiny", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random small GPT-2 as transformers' ``save_pretrained`` writes it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    folder = tmp_path_factory.mktemp("hf-gpt2")
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def http_folder():
+    """Serve a folder over HTTP on 127.0.0.1; yields a function folder -> base URL."""
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

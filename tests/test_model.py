@@ -1,0 +1,94 @@
+"""The chapter's GPT: sizes, causal attention, the classifier head and token choices."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from spam_gpt.classifier import SpamClassifier, set_trainable_layers
+from spam_gpt.model import GPT2_SIZES, MODEL_CONFIGS, GPTModel, generate_text_simple
+
+
+def count(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+@pytest.mark.parametrize(
+    ("name", "tied_millions"),
+    [("gpt2-small", 124), ("gpt2-medium", 355), ("gpt2-large", 774), ("gpt2-xl", 1558)],
+)
+def test_gpt2_sizes_have_their_published_parameter_counts(name, tied_millions):
+    with torch.device("meta"):
+        model = GPTModel(GPT2_SIZES[name])
+    tied = count(model) - model.out_head.weight.numel()  # GPT-2 shares out_head with tok_emb
+    assert round(tied / 1e6) == tied_millions
+
+
+def test_chapter_4_parameter_count_without_qkv_bias():
+    with torch.device("meta"):
+        model = GPTModel(dataclasses.replace(GPT2_SIZES["gpt2-small"], qkv_bias=False))
+    assert count(model) == 163_009_536
+
+
+def small_gpt() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(MODEL_CONFIGS["tiny"]).eval()
+
+
+def test_attention_is_causal():
+    model = small_gpt()
+    ids = torch.randint(0, 50000, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = 7
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0, :8], model(changed)[0, :8], atol=1e-6)
+        assert not torch.allclose(model(ids)[0, 8:], model(changed)[0, 8:])
+
+
+def test_greedy_generation_appends_the_argmax_token():
+    model = small_gpt()
+    ids = torch.tensor([[5211, 345, 423, 640]])
+    out = generate_text_simple(model, ids, max_new_tokens=3, context_size=256)
+    assert out.shape == (1, 7) and out[0, :4].tolist() == ids[0].tolist()
+    with torch.no_grad():
+        assert out[0, 4].item() == model(ids)[0, -1].argmax().item()
+
+
+def test_token_choices_read_the_intended_position():
+    classifier = SpamClassifier(small_gpt(), token="last_real").eval()
+    message = torch.tensor([[10, 20, 30]])
+    padded = torch.tensor([[10, 20, 30, 50256, 50256]])
+    with torch.no_grad():
+        unpadded = classifier(message, torch.tensor([3]))
+        assert torch.allclose(classifier(padded, torch.tensor([3])), unpadded, atol=1e-6)
+        classifier.token = "last"
+        assert not torch.allclose(classifier(padded, torch.tensor([3])), unpadded, atol=1e-4)
+        expected_last = classifier.gpt.out_head(classifier.gpt.features(padded)[:, -1])
+        assert torch.equal(classifier(padded, torch.tensor([3])), expected_last)
+        classifier.token = "first"
+        assert torch.allclose(
+            classifier(padded, torch.tensor([3])), classifier(message[:, :1], torch.tensor([1]))
+        )
+
+
+@pytest.mark.parametrize(
+    ("trainable", "expected"),
+    [
+        ("last_layer", {"out_head"}),
+        ("last_block", {"out_head", "final_norm", "trf_blocks.1"}),
+        ("last_two_blocks", {"out_head", "final_norm", "trf_blocks.1", "trf_blocks.0"}),
+        ("all", {"out_head", "final_norm", "trf_blocks.1", "trf_blocks.0", "tok_emb", "pos_emb"}),
+    ],
+)
+def test_trainable_layers(trainable, expected):
+    classifier = SpamClassifier(small_gpt())
+    assert classifier.gpt.out_head.out_features == 2
+    set_trainable_layers(classifier, trainable)
+    trained = {
+        ".".join(name.split(".")[1:3]) if ".trf_blocks." in f".{name}" else name.split(".")[1]
+        for name, p in classifier.named_parameters()
+        if p.requires_grad
+    }
+    assert trained == expected

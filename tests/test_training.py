@@ -1,0 +1,235 @@
+"""Fine-tuning: faithful to the chapter, repeatable, and its outputs usable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import GPT2Model
+
+from spam_gpt.cli import main
+from spam_gpt.config import resolve_config
+from spam_gpt.corpus import build_splits
+from spam_gpt.finetune import finetune, write_outputs
+from spam_gpt.predictor import Predictor
+from spam_gpt.tokenizer import get_tokenizer
+from spam_gpt.training import spam_scores
+
+from .conftest import CHAPTER_HAM, CHAPTER_SPAM
+
+SPLITS = build_splits()
+
+
+class ReferenceClassifier(torch.nn.Module):
+    """The chapter's classifier on transformers' GPT-2: the last position's hidden state
+    through a new two-class head."""
+
+    def __init__(self, folder):
+        super().__init__()
+        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # as the chapter
+        self.gpt = GPT2Model.from_pretrained(folder, **no_dropout)
+        self.gpt.requires_grad_(False)
+        torch.manual_seed(123)
+        self.out_head = torch.nn.Linear(self.gpt.config.n_embd, 2)
+        self.gpt.h[-1].requires_grad_(True)
+        self.gpt.ln_f.requires_grad_(True)
+
+    def forward(self, ids):
+        return self.out_head(self.gpt(ids).last_hidden_state)
+
+
+def reference_chapter_run(folder, epochs: int) -> dict:
+    """Chapter 6's data loading, seeding and training loop, written plainly."""
+    tokenizer = get_tokenizer()
+
+    def padded(frame, length=None):
+        encoded = [tokenizer.encode(text) for text in frame["Text"]]
+        length = length or max(map(len, encoded))
+        rows = [e[:length] + [50256] * (length - len(e[:length])) for e in encoded]
+        return TensorDataset(torch.tensor(rows), torch.tensor(frame["Label"].tolist())), length
+
+    torch.manual_seed(123)
+    train, length = padded(SPLITS["train"])
+    val, _ = padded(SPLITS["validation"], length)
+    train_loader = DataLoader(train, batch_size=8, shuffle=True, drop_last=True)
+    val_loader = DataLoader(val, batch_size=8)
+    model = ReferenceClassifier(folder)
+
+    def loss_of(x, y):
+        return torch.nn.functional.cross_entropy(model(x)[:, -1, :], y)
+
+    def mean_loss(loader, n):
+        with torch.no_grad():
+            return sum(loss_of(x, y).item() for _, (x, y) in zip(range(n), loader)) / n
+
+    def accuracy(loader, n):
+        right = seen = 0
+        with torch.no_grad():
+            for _, (x, y) in zip(range(n), loader):
+                right += (model(x)[:, -1, :].argmax(-1) == y).sum().item()
+                seen += len(y)
+        return right / seen
+
+    torch.manual_seed(123)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    out = {"train_losses": [], "val_losses": [], "train_accs": [], "val_accs": []}
+    step = -1
+    for _ in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            loss_of(x, y).backward()
+            optimizer.step()
+            step += 1
+            if step % 50 == 0:
+                model.eval()
+                out["train_losses"].append(mean_loss(train_loader, 5))
+                out["val_losses"].append(mean_loss(val_loader, 5))
+                model.train()
+        model.eval()
+        out["train_accs"].append(accuracy(train_loader, 5))
+        out["val_accs"].append(accuracy(val_loader, 5))
+    return out
+
+
+@pytest.fixture(scope="module")
+def chapter_result(hf_gpt2_dir):
+    cfg = resolve_config("chapter", {"weights": str(hf_gpt2_dir), "epochs": 2})
+    return finetune(cfg, SPLITS, verbose=False)
+
+
+def test_chapter_preset_trains_exactly_as_the_chapters_code(chapter_result, hf_gpt2_dir):
+    reference = reference_chapter_run(hf_gpt2_dir, epochs=2)
+    history = chapter_result.history
+    assert len(history.train_losses) == 6  # steps 0, 50, ..., 250 of 260
+    for key, expected in reference.items():
+        assert getattr(history, key) == pytest.approx(expected, abs=1e-4), key
+    assert history.examples_seen == 2 * 130 * 8
+
+
+def test_chapter_preset_reads_the_pretrained_weights(chapter_result, hf_gpt2_dir):
+    reference = GPT2Model.from_pretrained(hf_gpt2_dir)
+    ours = chapter_result.classifier.gpt
+    assert torch.equal(ours.tok_emb.weight, reference.wte.weight)  # frozen, so unchanged
+    assert chapter_result.meta.train_config["weights_source"] == str(hf_gpt2_dir)
+    assert chapter_result.meta.max_length == 120
+
+
+def test_chapter_model_predicts_like_classify_review(chapter_result, tmp_path):
+    """The chapter's ``classify_review`` pads each message to 120; so must the predictor."""
+    write_outputs(chapter_result, tmp_path)
+    predictor = Predictor.from_checkpoint(tmp_path / "model", batch_size=3)
+    texts = SPLITS["test"]["Text"].tolist()[:10]
+    classifier = chapter_result.classifier.eval()
+    for text, prediction in zip(texts, predictor.predict(texts)):
+        ids = get_tokenizer().encode(text)[:120]
+        ids = torch.tensor([ids + [50256] * (120 - len(ids))])
+        with torch.no_grad():
+            logits = classifier.gpt(ids)[:, -1, :]
+        assert prediction.label == ("spam" if logits.argmax().item() == 1 else "not spam")
+        assert prediction.spam_probability == pytest.approx(
+            logits.softmax(-1)[0, 1].item(), abs=1e-5
+        )
+
+
+def test_fixed_seeds_give_identical_runs():
+    cfg = resolve_config("tiny", {"epochs": 1})
+    first, second = (finetune(cfg, SPLITS, verbose=False) for _ in range(2))
+    assert first.history == second.history
+    assert first.metrics["test_accuracy"] == second.metrics["test_accuracy"]
+
+
+def test_tiny_preset_reaches_93_percent(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    print(
+        f"tiny preset: {metrics['test_accuracy']:.4f} test accuracy, "
+        f"{metrics['training_seconds']:.1f} s training"
+    )
+    assert metrics["test_accuracy"] >= 0.93
+    for key in (
+        "train_accuracy",
+        "validation_accuracy",
+        "spam_precision",
+        "spam_recall",
+        "spam_f1",
+    ):
+        assert 0.5 < metrics[key] <= 1.0
+    history = metrics["history"]
+    assert len(history["train_losses"]) == len(history["val_losses"]) == 13  # 650 steps
+    assert len(history["train_accs"]) == 5 and history["examples_seen"] == 5200
+    assert sum(map(sum, metrics["confusion_matrix"])) == 300
+    assert metrics["training_seconds"] > 0
+
+
+def test_outputs_are_plots_and_a_pickle_free_checkpoint(tiny_run):
+    for stem in ("loss-plot", "accuracy-plot", "confusion-matrix"):
+        assert (tiny_run / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        assert (tiny_run / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+    meta = json.loads((tiny_run / "model" / "spam_gpt.json").read_text())
+    assert meta["labels"] == ["not spam", "spam"] and meta["tokenizer"] == "gpt2"
+    assert meta["token"] == "last_real" and meta["train_config"]["preset"] == "tiny"
+    with safe_open(tiny_run / "model" / "model.safetensors", "pt") as weights:
+        assert "gpt.out_head.weight" in set(weights.keys())
+
+
+def test_classify_labels_the_chapters_examples(tiny_run, capsys):
+    assert main(["classify", "--model", str(tiny_run / "model"), CHAPTER_SPAM, CHAPTER_HAM]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["spam", "not spam"]
+    assert float(lines[0].split("\t")[1]) > 0.5 > float(lines[1].split("\t")[1])
+    assert main(["classify", "--json", "--model", str(tiny_run / "model"), CHAPTER_HAM]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["label"] == "not spam" and record["text"] == CHAPTER_HAM
+
+
+def test_evaluate_prints_accuracies_and_spam_scores(tiny_run, capsys):
+    assert main(["evaluate", "--model", str(tiny_run / "model")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert f"Test accuracy: {metrics['test_accuracy'] * 100:.2f}%" in out
+    assert f"Validation accuracy: {metrics['validation_accuracy'] * 100:.2f}%" in out
+    assert "Training accuracy:" in out and "Spam precision" in out and "recall" in out
+
+
+def test_train_prints_chapter_lines_progress_and_honours_overrides(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--epochs", "1", "--lr", "0.002", "--output", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "Ep 1 (Step 000000): Train loss" in captured.out
+    assert "Training accuracy:" in captured.out and "Validation accuracy:" in captured.out
+    assert "Epoch 1/1" in captured.err  # the progress bar
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["epochs"] == 1 and config["lr"] == 0.002 and config["model"] == "tiny"
+
+
+def test_bad_settings_get_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--token", "middle", "--output", str(tmp_path)]) == 2
+    assert "token must be one of last, last_real, first" in capsys.readouterr().err
+    assert main(["classify", "--model", str(tmp_path), "hello"]) == 2
+    assert "not a spam-gpt checkpoint" in capsys.readouterr().err
+
+
+def test_presets():
+    fast = resolve_config("fast")
+    assert (fast.padding, fast.token, fast.weights) == ("batch", "last_real", "gpt2-small")
+    chapter = resolve_config("chapter")
+    assert (chapter.lr, chapter.weight_decay, chapter.epochs, chapter.batch_size) == (
+        5e-5,
+        0.1,
+        5,
+        8,
+    )
+    assert resolve_config("tiny", {"lr": None}).lr == resolve_config("tiny").lr
+
+
+def test_spam_scores():
+    confusion = torch.tensor([[140.0, 10.0], [5.0, 145.0]])
+    scores = spam_scores(confusion)
+    assert scores["spam_precision"] == pytest.approx(145 / 155)
+    assert scores["spam_recall"] == pytest.approx(145 / 150)
+    p, r = 145 / 155, 145 / 150
+    assert scores["spam_f1"] == pytest.approx(2 * p * r / (p + r))
