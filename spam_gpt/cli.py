@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--preset", choices=list(PRESETS), default="chapter", help="default: chapter"
     )
-    train.add_argument("--output", required=True, help="folder for model/, metrics.json, plots")
+    train.add_argument("--output", help="folder for model/, metrics.json, plots (required)")
     train.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
     add_config_options(train)
+    add_ray_train_options(train)
 
     classify = commands.add_parser("classify", help="label messages as spam or not spam")
     classify.add_argument("--model", required=True, help="a checkpoint folder (DIR/model)")
@@ -82,6 +83,44 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=20)
     return parser
+
+
+def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Ray Train and MLflow (used when --workers, --address or --resume is given)"
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        help="train on N Ray Train workers with DistributedDataParallel; the batch size stays "
+        "global (each worker takes batch_size / N)",
+    )
+    group.add_argument("--cpus-per-worker", type=int, help="default: this machine's CPUs / N")
+    group.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    group.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    group.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)"
+    )
+    group.add_argument("--experiment", default="spam-gpt", help="MLflow experiment name")
+    group.add_argument(
+        "--register-as",
+        default="spam-gpt",
+        help="registered model name for the trained model ('' to skip registering)",
+    )
+    group.add_argument(
+        "--max-failures", type=int, default=3, help="worker failures to recover from (default 3)"
+    )
+    group.add_argument(
+        "--storage-path",
+        help="where Ray keeps checkpoints (shared storage such as s3:// on a "
+        "multi-node cluster; default: OUTPUT/ray)",
+    )
+    group.add_argument(
+        "--resume",
+        metavar="RUN_ID_OR_DIR",
+        help="continue a stopped job from its last epoch checkpoint (its --output folder or "
+        "MLflow run id); other settings come from that job",
+    )
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -107,21 +146,73 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from spam_gpt.config import resolve_config
+
+    if args.resume or args.workers or args.address or args.gpu:
+        return train_on_ray(args)
+    if not args.output:
+        raise ValueError("--output is required")
     from spam_gpt.finetune import finetune, write_outputs
 
-    cfg = resolve_config(
-        args.preset,
-        {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(TrainConfig)
-            if f.name != "preset"
-        },
-    )
-    result = finetune(cfg, load_splits(args.data))
+    result = finetune(config_from_args(args), load_splits(args.data))
     outputs = write_outputs(result, args.output)
     print_summary(result.metrics)
     print(f"Model: {outputs['model']}\nMetrics and plots: {Path(args.output)}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from spam_gpt.config import resolve_config
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "preset"]
+    return resolve_config(args.preset, {name: getattr(args, name) for name in fields})
+
+
+def train_on_ray(args: argparse.Namespace) -> int:
+    import os
+
+    from ray.train import TrainingFailedError
+
+    from spam_gpt.distributed import find_job, new_job, run_job
+    from spam_gpt.tracking import absolute_tracking_uri
+
+    tracking_uri = absolute_tracking_uri(args.tracking_uri)
+    if args.resume:
+        job = find_job(args.resume, tracking_uri)
+        splits = load_splits(job.data)
+    else:
+        if not args.output:
+            raise ValueError("--output is required")
+        workers = args.workers or 1
+        splits = load_splits(args.data)
+        job = new_job(
+            config_from_args(args),
+            splits,
+            output=args.output,
+            workers=workers,
+            cpus_per_worker=args.cpus_per_worker or max(1, (os.cpu_count() or 1) // workers),
+            gpu=args.gpu,
+            tracking_uri=tracking_uri,
+            experiment=args.experiment,
+            register_as=args.register_as or None,
+            max_failures=args.max_failures,
+            storage_path=args.storage_path,
+            data=args.data and str(Path(args.data).resolve()),
+        )
+    print(f"MLflow run {job.run_id} in experiment {job.experiment!r} at {job.tracking_uri}")
+    try:
+        metrics = run_job(job, splits, args.address)
+    except TrainingFailedError as error:
+        print(
+            f"spam-gpt train: training failed ({type(error).__name__}); continue it with "
+            f"`spam-gpt train --resume {job.output}`",
+            file=sys.stderr,
+        )
+        return 1
+    print_summary(metrics)
+    print(
+        f"Model: {Path(job.output) / 'model'}\nMetrics and plots: {job.output}\n"
+        f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}"
+    )
+    return 0
 
 
 def print_summary(metrics: dict) -> None:
@@ -178,11 +269,10 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError) as error:  # our errors say what to do
         print(f"spam-gpt {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

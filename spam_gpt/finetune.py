@@ -32,9 +32,11 @@ from spam_gpt.training import (
     calc_accuracy_loader,
     confusion_matrix_loader,
     local_only,
+    say,
     spam_scores,
     train_classifier_simple,
 )
+from spam_gpt.training_state import TrainingState
 from spam_gpt.weights import load_pretrained_gpt
 
 
@@ -47,16 +49,6 @@ class Workers:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reduce: Reduce = local_only
     wrap: Callable[[nn.Module], nn.Module] = lambda module: module
-
-
-@dataclass
-class TrainingState:
-    """Where a stopped run picks up: the model, optimizer, RNG and history after an epoch."""
-
-    model: dict
-    optimizer: dict
-    rng: torch.Tensor
-    history: TrainingHistory
 
 
 @dataclass
@@ -99,6 +91,7 @@ def finetune(
     on_epoch_end: Callable[[TrainingHistory, SpamClassifier, torch.optim.Optimizer], None]
     | None = None,
     verbose: bool = True,
+    progress: bool = True,
 ) -> FinetuneResult:
     """Train per ``cfg`` and measure full-set accuracies and test-set spam scores."""
     workers = workers or Workers()
@@ -135,11 +128,10 @@ def finetune(
         torch.set_rng_state(resume.rng)
         history = resume.history
     if verbose:
-        print(
+        say(
             f"Model: {weights_source}, {count_parameters(classifier):,} parameters, "
             f"{count_parameters(classifier, trainable_only=True):,} trainable ({cfg.trainable}); "
             f"{workers.world_size} worker(s), global batch {cfg.batch_size}",
-            flush=True,
         )
     started = time.perf_counter()
     history = train_classifier_simple(
@@ -155,6 +147,7 @@ def finetune(
         reduce=workers.reduce,
         on_eval=on_eval,
         verbose=verbose,
+        progress=progress,
         on_epoch_end=(lambda h: on_epoch_end(h, classifier, optimizer)) if on_epoch_end else None,
     )
     training_seconds = time.perf_counter() - started

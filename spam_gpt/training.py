@@ -9,6 +9,7 @@ numbers over all workers' data.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -35,6 +36,13 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def say(line: str) -> None:
+    """Print a line straight to stdout. Ray Train patches ``print`` in its workers to log
+    and also echo, which would show every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def batch_logits(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
@@ -159,23 +167,32 @@ def train_classifier_simple(
     on_eval: EvalHook | None = None,
     on_epoch_end: EpochHook | None = None,
     verbose: bool = True,
+    progress: bool = True,
 ) -> TrainingHistory:
     """The chapter's loop: a step per batch, losses every ``eval_freq`` steps on
     ``eval_iter`` batches, accuracies on ``eval_iter`` batches after each epoch.
 
     ``history`` continues a stopped run from its last finished epoch; ``examples_seen``
-    counts examples over all workers.
+    counts examples over all workers. ``verbose`` prints the chapter's lines; ``progress``
+    adds a bar (off on Ray workers, whose output is not a terminal).
     """
     history = history or TrainingHistory()
     world_size = round(reduce(torch.ones(1, dtype=torch.float64)).item())
-    log = tqdm.write if verbose else (lambda _line: None)
+    show_bar = verbose and progress
+
+    def log(line: str) -> None:
+        if show_bar:
+            tqdm.write(line)
+        elif verbose:
+            say(line)
+
     for epoch in range(history.epochs_done, num_epochs):
         model.train()
         steps = tqdm(
             train_loader,
             desc=f"Epoch {epoch + 1}/{num_epochs}",
             unit="step",
-            disable=not verbose,
+            disable=not show_bar,
             leave=False,
         )
         for batch in steps:

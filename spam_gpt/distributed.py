@@ -1,0 +1,251 @@
+"""Fine-tuning as a Ray Train job: the per-worker function, the scaling and run configs,
+and the driver that opens the MLflow run, starts the trainer and collects the outputs.
+
+Every worker runs the same :func:`spam_gpt.finetune.finetune`, taking its share of each
+global batch; gradients meet in DistributedDataParallel (gloo on CPU, NCCL on GPU) and
+losses and accuracies are summed over all workers before anyone reports them. Rank 0
+checkpoints every epoch and is the only worker that writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow import MlflowClient
+from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from spam_gpt.config import TrainConfig
+from spam_gpt.corpus import splits_checksum
+from spam_gpt.finetune import Workers, finetune, write_outputs
+from spam_gpt.ray_cluster import connect
+from spam_gpt.tracking import RunLogger, git_commit, job_of_run, open_run
+from spam_gpt.training import say
+from spam_gpt.training_state import TrainingState, load_training_state, save_training_state
+
+JOB_FILE = "job.json"
+
+
+@dataclass
+class TrainJob:
+    """Everything a training job needs, saved so that ``--resume`` can rebuild it."""
+
+    config: dict
+    output: str
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpu: bool = False
+    tracking_uri: str = ""
+    experiment: str = "spam-gpt"
+    register_as: str | None = "spam-gpt"
+    max_failures: int = 3
+    storage_path: str = ""
+    ray_name: str = ""
+    run_id: str = ""
+    data: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def save(self) -> None:
+        Path(self.output).mkdir(parents=True, exist_ok=True)
+        (Path(self.output) / JOB_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def all_reduce_sum(device: torch.device):
+    """Sum a small tensor over all workers (on the device NCCL needs, back on the CPU)."""
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.to(device, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.cpu()
+
+    return reduce
+
+
+def report_epoch(history, classifier, optimizer, rank: int) -> None:
+    """Every worker reports; rank 0 attaches the state to resume from."""
+    metrics = {
+        "epoch": history.epochs_done,
+        "train_accuracy": history.train_accs[-1],
+        "val_accuracy": history.val_accs[-1],
+        "examples_seen": history.examples_seen,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            state = TrainingState(
+                classifier.state_dict(), optimizer.state_dict(), torch.get_rng_state(), history
+            )
+            save_training_state(state, Path(folder))
+            checkpoint = Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(loop_config: dict) -> None:
+    """The training function each Ray Train worker runs."""
+    job = TrainJob(**loop_config["job"])
+    splits: dict[str, pd.DataFrame] = loop_config["splits"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(job.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    logger = RunLogger(job.tracking_uri, job.run_id) if rank == 0 and job.run_id else None
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_training_state(Path(folder))
+        if rank == 0:
+            say(f"Resuming after epoch {resume.history.epochs_done}")
+        if logger:
+            logger.note_resume(resume.history.epochs_done)
+            logger.log_history(resume.history)
+
+    def on_epoch_end(history, classifier, optimizer) -> None:
+        report_epoch(history, classifier, optimizer, rank)
+        if logger:
+            logger.log_history(history)
+
+    workers = Workers(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        reduce=all_reduce_sum(device),
+        wrap=ray.train.torch.prepare_model,
+    )
+    result = finetune(
+        TrainConfig(**job.config),
+        splits,
+        workers,
+        resume=resume,
+        on_eval=logger.log_history if logger else None,
+        on_epoch_end=on_epoch_end,
+        verbose=rank == 0,
+        progress=False,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        final = None
+        if rank == 0:
+            write_outputs(result, folder)
+            if logger:
+                logger.log_results(result.metrics, Path(folder), job.register_as)
+            final = Checkpoint.from_directory(folder)
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
+        ray.train.report({"final": True, **metrics}, checkpoint=final)
+
+
+def new_job(
+    cfg: TrainConfig,
+    splits: dict[str, pd.DataFrame],
+    *,
+    output: str,
+    workers: int,
+    cpus_per_worker: int,
+    gpu: bool,
+    tracking_uri: str,
+    experiment: str,
+    register_as: str | None,
+    max_failures: int,
+    storage_path: str | None,
+    data: str | None,
+) -> TrainJob:
+    """Describe a fresh job and open its MLflow run."""
+    output = str(Path(output).resolve())
+    job = TrainJob(
+        config=cfg.to_dict(),
+        output=output,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpu=gpu,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        register_as=register_as,
+        max_failures=max_failures,
+        storage_path=storage_path or str(Path(output) / "ray"),
+        ray_name=f"spam-gpt-{time.strftime('%Y%m%d-%H%M%S')}",
+        data=data,
+    )
+    job.params = {
+        **{k: v for k, v in job.config.items()},
+        "workers": workers,
+        "cpus_per_worker": cpus_per_worker,
+        "gpu": gpu,
+        "dataset_checksum": splits_checksum(splits),
+        "git_commit": git_commit(),
+    }
+    client = MlflowClient(tracking_uri)
+    job_tag = {k: v for k, v in asdict(job).items() if k != "params"}
+    job.run_id = open_run(client, experiment, job.ray_name, job_tag, job.params)
+    job.save()
+    return job
+
+
+def find_job(reference: str, tracking_uri: str) -> TrainJob:
+    """The job behind ``--resume``: an output folder, or an MLflow run id."""
+    folder = Path(reference)
+    if (folder / JOB_FILE).is_file():
+        return TrainJob(**json.loads((folder / JOB_FILE).read_text()))
+    if folder.exists():
+        raise FileNotFoundError(
+            f"{folder} has no {JOB_FILE}; pass the --output of a `--workers` job"
+        )
+    from mlflow.exceptions import MlflowException
+
+    try:
+        fields = job_of_run(MlflowClient(tracking_uri), reference)
+    except MlflowException as error:
+        raise ValueError(
+            f"--resume {reference}: not an output folder, nor a run in {tracking_uri} "
+            f"({error.message}); pass --tracking-uri if the run lives elsewhere"
+        ) from None
+    return TrainJob(**fields, run_id=reference)
+
+
+def run_job(job: TrainJob, splits: dict[str, pd.DataFrame], address: str | None) -> dict:
+    """Run (or continue) ``job`` on Ray; copy its outputs to ``job.output``."""
+    connect(address, num_cpus=job.workers * job.cpus_per_worker)
+    client = MlflowClient(job.tracking_uri)
+    client.update_run(job.run_id, status="RUNNING")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": asdict(job), "splits": splits},
+        scaling_config=ScalingConfig(
+            num_workers=job.workers,
+            use_gpu=job.gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=job.ray_name,
+            storage_path=job.storage_path,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            worker_runtime_env={"env_vars": forwarded_env()},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except (Exception, KeyboardInterrupt):
+        client.set_terminated(job.run_id, status="FAILED")
+        raise
+    with result.checkpoint.as_directory() as folder:
+        shutil.copytree(folder, job.output, dirs_exist_ok=True)
+    client.set_terminated(job.run_id, status="FINISHED")
+    return json.loads((Path(job.output) / "metrics.json").read_text())
+
+
+def forwarded_env() -> dict[str, str]:
+    """Settings the workers must share with the driver (weights cache, offline mode)."""
+    names = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "SPAM_GPT_CACHE")
+    return {name: os.environ[name] for name in names if name in os.environ}

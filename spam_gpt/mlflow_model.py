@@ -1,0 +1,33 @@
+"""The MLflow pyfunc model, logged as "model from code": MLflow records this file rather
+than pickling an object, so loading the model runs this code and unpickles nothing.
+
+Input: a DataFrame with a ``text`` column. Output: ``label`` and ``spam_probability``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class SpamGptModel(PythonModel):
+    def load_context(self, context) -> None:
+        from spam_gpt.predictor import Predictor
+
+        self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if "text" not in model_input.columns:
+            raise ValueError(
+                f"input needs a 'text' column; it has {', '.join(map(str, model_input.columns))}"
+            )
+        texts = model_input["text"]
+        bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text]
+        if bad:
+            raise ValueError(f"rows {bad[:10]} have no text to classify (null or empty)")
+        predictions = self.predictor.predict(list(texts))
+        return pd.DataFrame(predictions, columns=["label", "spam_probability"])
+
+
+mlflow.models.set_model(SpamGptModel())

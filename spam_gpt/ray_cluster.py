@@ -1,0 +1,23 @@
+"""Joining a Ray cluster, or starting a local one sized for this machine."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``); else start a local Ray with enough CPUs.
+
+    A local Ray gets at least ``num_cpus`` logical CPUs even on a smaller machine, so a job
+    asking for more workers than cores runs oversubscribed instead of waiting forever.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    cpus = max(os.cpu_count() or 1, num_cpus or 1)
+    ray.init(num_cpus=cpus)

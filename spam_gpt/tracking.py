@@ -1,0 +1,205 @@
+"""MLflow tracking for training jobs: one run per job, metrics logged exactly once.
+
+The driver opens the run; rank 0 writes everything into it. Metrics are logged with
+explicit steps and skipped when MLflow already holds that step, so a worker group that is
+restarted from its last checkpoint and replays an epoch (deterministically) neither
+duplicates nor loses a point.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from spam_gpt.training import TrainingHistory
+
+DEFAULT_EXPERIMENT = "spam-gpt"
+DEFAULT_REGISTERED_MODEL = "spam-gpt"
+JOB_TAG = "spam_gpt.job"
+VERSION_TAG = "spam_gpt.registered_version"
+RESULTS_TAG = "spam_gpt.results_logged"
+PYFUNC_MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
+EVAL_METRICS = ("train_loss", "val_loss", "examples_seen")
+EPOCH_METRICS = ("train_accuracy", "val_accuracy")
+FINAL_METRICS = {
+    "train_accuracy": "final_train_accuracy",
+    "validation_accuracy": "final_validation_accuracy",
+    "test_accuracy": "test_accuracy",
+    "spam_precision": "spam_precision",
+    "spam_recall": "spam_recall",
+    "spam_f1": "spam_f1",
+    "training_seconds": "training_seconds",
+}
+
+
+def default_tracking_uri() -> str:
+    """An SQLite store in the working folder, as an absolute URI so workers agree on it."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """Relative ``sqlite:///x.db`` and plain paths made absolute; servers unchanged."""
+    if not uri:
+        return default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it with an absolute artifact folder for local stores."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    uri = client.tracking_uri
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The commit of the checkout spam-gpt runs from, or ``unknown`` outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def open_run(client: MlflowClient, experiment: str, run_name: str, job: dict, params: dict) -> str:
+    """Create the job's run, tagged with the job description that ``--resume`` reads."""
+    run = client.create_run(
+        ensure_experiment(client, experiment), run_name=run_name, tags={JOB_TAG: json.dumps(job)}
+    )
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+    return run.info.run_id
+
+
+def job_of_run(client: MlflowClient, run_id: str) -> dict:
+    run = client.get_run(run_id)
+    if JOB_TAG not in run.data.tags:
+        raise ValueError(f"MLflow run {run_id} was not started by `spam-gpt train --workers`")
+    return json.loads(run.data.tags[JOB_TAG])
+
+
+class RunLogger:
+    """Rank 0's writer: each metric point goes to MLflow once, keyed by its step."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.last_step = {
+            key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
+            for key in (*EVAL_METRICS, *EPOCH_METRICS)
+        }
+
+    def _new_points(self, key: str, steps, values, timestamp: int) -> list[Metric]:
+        fresh = [(step, value) for step, value in zip(steps, values) if step > self.last_step[key]]
+        if fresh:
+            self.last_step[key] = fresh[-1][0]
+        return [Metric(key, float(value), timestamp, step) for step, value in fresh]
+
+    def log_history(self, history: TrainingHistory) -> None:
+        """Whatever of ``history`` MLflow does not hold yet."""
+        now = int(time.time() * 1000)
+        steps, epochs = history.eval_steps, range(1, len(history.train_accs) + 1)
+        series = {
+            "train_loss": (steps, history.train_losses),
+            "val_loss": (steps, history.val_losses),
+            "examples_seen": (steps, history.eval_examples),
+            "train_accuracy": (epochs, history.train_accs),
+            "val_accuracy": (epochs, history.val_accs),
+        }
+        metrics = [m for key, (x, y) in series.items() for m in self._new_points(key, x, y, now)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def note_resume(self, epoch: int) -> None:
+        self.client.set_tag(self.run_id, "resumed_from_epoch", str(epoch))
+
+    def log_results(self, metrics: dict, output_dir: Path, register_as: str | None) -> str | None:
+        """Final metrics, plots, ``metrics.json``, the checkpoint and the pyfunc model,
+        registered as a new version of ``register_as``. Done once: a worker group that is
+        restarted after this step finds the run marked and leaves it alone."""
+        tags = self.client.get_run(self.run_id).data.tags
+        if RESULTS_TAG in tags:
+            return tags.get(VERSION_TAG)
+        now = int(time.time() * 1000)
+        final = [Metric(FINAL_METRICS[k], float(metrics[k]), now, 0) for k in FINAL_METRICS]
+        self.client.log_batch(self.run_id, metrics=final)
+        for path in sorted(output_dir.iterdir()):
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.log_artifacts(self.run_id, str(output_dir / "model"), "checkpoint")
+        version = log_pyfunc_model(
+            self.client.tracking_uri, self.run_id, output_dir / "model", register_as
+        )
+        if version is not None:
+            accuracy = f"{metrics['test_accuracy']:.4f}"
+            self.client.set_model_version_tag(register_as, version, "test_accuracy", accuracy)
+            self.client.set_tag(self.run_id, VERSION_TAG, version)
+        self.client.set_tag(self.run_id, RESULTS_TAG, "true")
+        return version
+
+
+PYFUNC_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "text")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
+)
+
+
+def pyfunc_requirements() -> list[str]:
+    """Pinned to what trained the model, so ``mlflow models predict`` rebuilds it."""
+    from importlib.metadata import version
+
+    packages = (
+        "torch",
+        "tiktoken",
+        "safetensors",
+        "pandas",
+        "pyarrow",
+        "mlflow",
+        "tqdm",
+        "matplotlib",
+    )
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
+def log_pyfunc_model(
+    tracking_uri: str, run_id: str, checkpoint_dir: Path, register_as: str | None
+) -> str | None:
+    """Log the classifier as a pyfunc "model from code" (nothing pickled), carrying the
+    spam_gpt package with it, and return the registered version if ``register_as``."""
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_MODEL_FILE),
+            artifacts={"checkpoint": str(checkpoint_dir)},
+            code_paths=[str(Path(__file__).parent)],
+            signature=PYFUNC_SIGNATURE,
+            input_example=pd.DataFrame({"text": ["Free entry! Text WIN to 80082 now"]}),
+            pip_requirements=pyfunc_requirements(),
+            registered_model_name=register_as,
+        )
+    version = info.registered_model_version
+    return None if version is None else str(version)
