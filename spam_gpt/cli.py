@@ -70,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_train_options(train)
 
     classify = commands.add_parser("classify", help="label messages as spam or not spam")
-    classify.add_argument("--model", required=True, help="a checkpoint folder (DIR/model)")
+    add_model_options(classify)
     classify.add_argument("texts", nargs="+", metavar="TEXT", help="messages to classify")
     classify.add_argument("--json", action="store_true", help="print JSON lines")
 
     evaluate = commands.add_parser("evaluate", help="accuracy and spam precision/recall of a model")
-    evaluate.add_argument("--model", required=True, help="a checkpoint folder (DIR/model)")
+    add_model_options(evaluate)
     evaluate.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
 
     generate = commands.add_parser("generate", help="greedy text generation with GPT-2 weights")
@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=20)
     return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a checkpoint folder (DIR/model), runs:/<run id>/model or models:/<name>/<version "
+        "or alias>",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI for runs:/ and models:/ (default: "
+        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
+    )
 
 
 def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
@@ -226,9 +240,9 @@ def print_summary(metrics: dict) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from spam_gpt.predictor import Predictor
+    from spam_gpt.model_ref import load_predictor
 
-    predictor = Predictor.from_checkpoint(args.model)
+    predictor = load_predictor(args.model, args.tracking_uri)
     for text, prediction in zip(args.texts, predictor.predict(args.texts)):
         if args.json:
             print(json.dumps({"text": text, **prediction._asdict()}))
@@ -238,9 +252,10 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from spam_gpt.evaluation import evaluate_predictor
-    from spam_gpt.predictor import Predictor
+    from spam_gpt.model_ref import load_predictor
 
-    metrics = evaluate_predictor(Predictor.from_checkpoint(args.model), load_splits(args.data))
+    predictor = load_predictor(args.model, args.tracking_uri)
+    metrics = evaluate_predictor(predictor, load_splits(args.data))
     print_summary(metrics)
 
 
@@ -277,3 +292,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("spam-gpt's parser has no commands")
+
+
+def job_main(command: str, argv: Sequence[str]) -> int:
+    """Entry point of ``jobs/<command>.py``: defaults from ``ray_config.yaml`` (or
+    ``--config PATH``), then the job's own arguments, which win."""
+    from spam_gpt.settings import SettingsError, load_settings, settings_arguments, settings_path
+
+    argv = list(argv)
+    explicit = None
+    if "--config" in argv:
+        at = argv.index("--config")
+        explicit = argv[at + 1] if at + 1 < len(argv) else ""
+        del argv[at : at + 2]
+    try:
+        path = settings_path(explicit)
+        defaults = []
+        if path is not None:
+            parsers = command_parsers(build_parser())
+            defaults = settings_arguments(command, load_settings(path), parsers, str(path))
+    except SettingsError as error:
+        print(f"spam-gpt {command}: error: {error}", file=sys.stderr)
+        return 2
+    return main([command, *defaults, *argv])

@@ -210,7 +210,7 @@ def find_job(reference: str, tracking_uri: str) -> TrainJob:
             f"--resume {reference}: not an output folder, nor a run in {tracking_uri} "
             f"({error.message}); pass --tracking-uri if the run lives elsewhere"
         ) from None
-    return TrainJob(**fields, run_id=reference)
+    return TrainJob(**{**fields, "run_id": reference})
 
 
 def run_job(job: TrainJob, splits: dict[str, pd.DataFrame], address: str | None) -> dict:

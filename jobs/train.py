@@ -1,0 +1,17 @@
+"""Fine-tuning as a Ray job:
+
+    ray job submit --working-dir . -- python jobs/train.py [spam-gpt train options]
+
+Defaults come from ray_config.yaml (section `common`, then `train`); options given here
+win. Takes every option of `spam-gpt train`, plus `--config PATH` for another file.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
+
+from spam_gpt.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("train", sys.argv[1:]))

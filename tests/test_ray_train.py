@@ -1,0 +1,253 @@
+"""Training on Ray Train, tracked in a real MLflow server: two workers end to end, one
+worker equal to the in-process run, and really killed workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from spam_gpt.cli import main
+from spam_gpt.distributed import find_job
+
+from .conftest import CHAPTER_HAM, CHAPTER_SPAM
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def train(out: Path, uri: str, experiment: str, *extra: str) -> int:
+    return main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--workers",
+            "2",
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            experiment,
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def only_run(client: MlflowClient, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_complete_histories(client: MlflowClient, run_id: str, epochs: int) -> None:
+    """Every evaluation and every epoch exactly once, however often workers restarted."""
+    evaluations = list(range(0, epochs * 130, 50))
+    for key in ("train_loss", "val_loss", "examples_seen"):
+        assert steps(client, run_id, key) == evaluations, key
+    for key in ("train_accuracy", "val_accuracy"):
+        assert steps(client, run_id, key) == list(range(1, epochs + 1)), key
+
+
+def test_two_workers_end_to_end(tmp_path, mlflow_server, capsys):
+    out = tmp_path / "run"
+    assert train(out, mlflow_server, "two-workers") == 0
+    client = MlflowClient(mlflow_server)
+    run = only_run(client, "two-workers")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["workers"] == "2" and params["epochs"] == "5" and params["preset"] == "tiny"
+    assert params["lr"] == "0.001" and params["batch_size"] == "8"
+    assert len(params["dataset_checksum"]) == 64 and params["git_commit"]
+    assert_complete_histories(client, run_id, epochs=5)
+    metrics = run.data.metrics
+    assert metrics["test_accuracy"] >= 0.93
+    for key in (
+        "final_train_accuracy",
+        "final_validation_accuracy",
+        "spam_precision",
+        "spam_recall",
+        "spam_f1",
+        "training_seconds",
+    ):
+        assert key in metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    for name in ("loss-plot", "accuracy-plot", "confusion-matrix"):
+        assert {f"{name}.png", f"{name}.pdf"} <= artifacts
+    assert {"metrics.json", "checkpoint"} <= artifacts
+
+    version = client.get_model_version("spam-gpt", run.data.tags["spam_gpt.registered_version"])
+    assert version.run_id == run_id
+    assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+    mlflow.set_tracking_uri(mlflow_server)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/spam-gpt/{version.version}")
+    predicted = pyfunc.predict(pd.DataFrame({"text": [CHAPTER_SPAM, CHAPTER_HAM]}))
+    assert predicted["label"].tolist() == ["spam", "not spam"]
+    assert predicted["spam_probability"].between(0, 1).all()
+
+    local = json.loads((out / "metrics.json").read_text())
+    assert local["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    capsys.readouterr()
+    for ref in (f"models:/spam-gpt/{version.version}", f"runs:/{run_id}/model", str(out / "model")):
+        assert (
+            main(
+                [
+                    "classify",
+                    "--tracking-uri",
+                    mlflow_server,
+                    "--model",
+                    ref,
+                    CHAPTER_SPAM,
+                    CHAPTER_HAM,
+                ]
+            )
+            == 0
+        )
+        labels = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+        assert labels == ["spam", "not spam"], ref
+
+
+def test_mlflow_models_predict_serves_the_registered_model(tmp_path, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    version = client.search_model_versions("name='spam-gpt'")[0].version
+    request = tmp_path / "input.json"
+    request.write_text(json.dumps({"dataframe_records": [{"text": CHAPTER_SPAM}]}))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "predict",
+            "-m",
+            f"models:/spam-gpt/{version}",
+            "-i",
+            str(request),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"label": "spam"' in result.stdout
+
+
+def test_one_worker_reproduces_the_in_process_run(tmp_path, tiny_run):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "one"
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--workers",
+        "1",
+        "--tracking-uri",
+        uri,
+        "--output",
+        str(out),
+        "--register-as",
+        "",
+    ]
+    assert main(args) == 0
+    ray_run = json.loads((out / "metrics.json").read_text())
+    local = json.loads((tiny_run / "metrics.json").read_text())
+    for key in ("train_losses", "val_losses", "train_accs", "val_accs"):
+        assert ray_run["history"][key] == pytest.approx(local["history"][key], abs=1e-5), key
+    for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "spam_f1"):
+        assert ray_run[key] == pytest.approx(local[key], abs=1e-5), key
+
+
+def kill_a_worker_after_first_checkpoint(out: Path, timeout: float = 240) -> int:
+    """SIGKILL one Ray Train worker once an epoch checkpoint exists, mid-epoch."""
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("ray/*/checkpoint_*")):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+            os.kill(process.info["pid"], signal.SIGKILL)
+            return process.info["pid"]
+    raise AssertionError("no Ray Train worker process found")
+
+
+def train_in_background(*args) -> tuple[threading.Thread, list[int]]:
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(train(*args)))
+    thread.start()
+    return thread, codes
+
+
+def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mlflow_server):
+    out = tmp_path / "run"
+    thread, codes = train_in_background(
+        out, mlflow_server, "kill-recover", "--epochs", "3", "--register-as", "kill-recover"
+    )
+    killed = kill_a_worker_after_first_checkpoint(out)
+    thread.join(timeout=600)
+    assert codes == [0]
+    assert not psutil.pid_exists(killed)
+    client = MlflowClient(mlflow_server)
+    run = only_run(client, "kill-recover")
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["resumed_from_epoch"]) >= 1
+    assert_complete_histories(client, run.info.run_id, epochs=3)
+    assert len(client.search_model_versions("name='kill-recover'")) == 1
+
+
+def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
+    out = tmp_path / "run"
+    thread, codes = train_in_background(
+        out,
+        mlflow_server,
+        "stop-resume",
+        "--epochs",
+        "3",
+        "--max-failures",
+        "0",
+        "--register-as",
+        "stop-resume",
+    )
+    kill_a_worker_after_first_checkpoint(out)
+    thread.join(timeout=600)
+    assert codes == [1]
+    assert f"spam-gpt train --resume {out}" in capsys.readouterr().err
+    client = MlflowClient(mlflow_server)
+    run = only_run(client, "stop-resume")
+    assert run.info.status == "FAILED"
+
+    assert main(["train", "--resume", run.info.run_id, "--tracking-uri", mlflow_server]) == 0
+    run = only_run(client, "stop-resume")
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["resumed_from_epoch"]) >= 1
+    assert_complete_histories(client, run.info.run_id, epochs=3)
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.9
+
+
+def test_resume_names_what_it_could_not_find(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"job\.json"):
+        find_job(str(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--resume", "0123456789abcdef", "--tracking-uri", uri]) == 2
+    assert "--resume 0123456789abcdef" in capsys.readouterr().err
