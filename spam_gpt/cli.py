@@ -78,6 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(evaluate)
     evaluate.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
 
+    score = commands.add_parser(
+        "score",
+        help="classify Parquet/CSV message archives with Ray Data",
+        description="Classify every row of Parquet files (a file, a folder, hive partitions, "
+        "globs, several paths, local or s3://, gs://, file://) or the chapter's CSV/TSV files "
+        "and write Parquet with the input columns plus label, spam_probability, model and "
+        "score_error. Rows that cannot be scored are kept with score_error set.",
+    )
+    add_model_options(score)
+    score.add_argument("--input", required=True, nargs="+", metavar="IN", help="input paths")
+    score.add_argument("--output", required=True, help="output folder of Parquet files")
+    score.add_argument(
+        "--text-column", help="column with the messages (default: 'text', or 'Text')"
+    )
+    score.add_argument("--batch-size", type=int, default=512, help="rows per batch (512)")
+    score.add_argument("--concurrency", type=int, default=1, help="model actors (default 1)")
+    score.add_argument(
+        "--cpus-per-actor",
+        type=int,
+        default=1,
+        help="CPUs (and torch threads) per actor; one more CPU stays free for reading and "
+        "writing (default 1)",
+    )
+    score.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    score.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
     generate = commands.add_parser("generate", help="greedy text generation with GPT-2 weights")
     generate.add_argument("--weights", required=True, help="weights folder or name (gpt2-small…)")
     generate.add_argument("--prompt", required=True)
@@ -272,12 +299,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(get_tokenizer().decode(out[0].tolist()))
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from spam_gpt.scoring import run_scoring
+    from spam_gpt.tracking import absolute_tracking_uri
+
+    summary = run_scoring(
+        args.model,
+        args.input,
+        args.output,
+        text_column=args.text_column,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        cpus_per_actor=args.cpus_per_actor,
+        gpu=args.gpu,
+        address=args.address,
+        tracking_uri=absolute_tracking_uri(args.tracking_uri),
+        overwrite=args.overwrite,
+    )
+    print(summary)
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "classify": cmd_classify,
     "evaluate": cmd_evaluate,
     "generate": cmd_generate,
+    "score": cmd_score,
 }
 
 

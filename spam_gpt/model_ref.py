@@ -7,7 +7,6 @@ checkpoint inside them found by its ``spam_gpt.json``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,20 +23,32 @@ def find_checkpoint(folder: Path) -> Path:
         return folder
     found = sorted(p.parent for p in folder.rglob(META_FILE) if is_checkpoint(p.parent))
     if not found:
-        raise FileNotFoundError(f"no spam-gpt checkpoint inside {folder}")
+        raise FileNotFoundError(
+            f"{folder} is not a spam-gpt checkpoint and holds none (a checkpoint has "
+            f"{META_FILE} and model.safetensors); train one with `spam-gpt train --output DIR` "
+            "and pass DIR/model"
+        )
     return found[0]
 
 
 def model_version_of(ref: str, tracking_uri: str | None) -> tuple[str, str]:
-    """(name, version) for display: aliases are resolved to the version they point at."""
+    """(name, version) of an MLflow reference; aliases and ``latest`` resolved to the
+    version they point at now."""
     if ref.startswith("runs:/"):
         return ref, ref.split("/")[1]
-    name, _, version = ref.removeprefix("models:/").partition("/")
-    if version and not version.isdigit():
-        from mlflow import MlflowClient
+    from mlflow import MlflowClient
 
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, version).version
-    return name, version or "latest"
+    client = MlflowClient(tracking_uri)
+    name, _, version = ref.removeprefix("models:/").partition("/")
+    if version in ("", "latest"):
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise FileNotFoundError(f"no registered model named {name!r}")
+        return name, str(max(int(v.version) for v in versions))
+    if not version.isdigit():
+        version = client.get_model_version_by_alias(name, version).version
+    client.get_model_version(name, version)  # raises if it does not exist
+    return name, str(version)
 
 
 def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[Path, str, str]:
@@ -52,11 +63,9 @@ def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[Path, str,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri is None:
-        from spam_gpt.tracking import default_tracking_uri
+    from spam_gpt.tracking import absolute_tracking_uri
 
-        uri = default_tracking_uri()
+    uri = absolute_tracking_uri(tracking_uri)
     try:
         name, version = model_version_of(ref, uri)
         target = tempfile.mkdtemp(prefix="spam-gpt-model-")

@@ -9,6 +9,7 @@ duplicates nor loses a point.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ def default_tracking_uri() -> str:
 
 
 def absolute_tracking_uri(uri: str | None) -> str:
-    """Relative ``sqlite:///x.db`` and plain paths made absolute; servers unchanged."""
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the default store; relative
+    ``sqlite:///x.db`` and plain paths made absolute, servers unchanged."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return default_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

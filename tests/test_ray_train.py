@@ -179,12 +179,13 @@ def test_one_worker_reproduces_the_in_process_run(tmp_path, tiny_run):
 
 
 def kill_a_worker_after_first_checkpoint(out: Path, timeout: float = 240) -> int:
-    """SIGKILL one Ray Train worker once an epoch checkpoint exists, mid-epoch."""
+    """SIGKILL one Ray Train worker mid-epoch, once Ray has registered an epoch checkpoint
+    (its checkpoint manager then writes its snapshot)."""
     deadline = time.monotonic() + timeout
-    while not list(out.glob("ray/*/checkpoint_*")):
+    while not list(out.glob("ray/*/checkpoint_manager_snapshot.json")):
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(0.5)
     for process in psutil.process_iter(["pid", "cmdline"]):
         if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
             os.kill(process.info["pid"], signal.SIGKILL)

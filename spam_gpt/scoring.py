@@ -1,0 +1,341 @@
+"""Bulk scoring of message archives with Ray Data.
+
+Every input row comes out exactly once, its columns untouched, with ``label``,
+``spam_probability``, ``model`` and ``score_error`` appended; a row that cannot be scored
+keeps a null label and says why. Batches stay in Arrow from reader to writer so that
+timestamps, lists and dictionary-encoded columns pass through unchanged. Output is
+written beside the target and moved into place (locally), and marked complete with a
+``_SUCCESS`` file, so a failed job never leaves output that looks finished.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.dataset as pa_ds
+import pyarrow.fs as pa_fs
+
+from spam_gpt.predictor import Predictor
+
+ADDED_COLUMNS = ("label", "spam_probability", "model", "score_error")
+SUCCESS_FILE = "_SUCCESS"
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TEXT_SUFFIXES = (".csv", ".tsv")
+UCI_NAME = "SMSSpamCollection"
+
+
+class ScoringError(ValueError):
+    """The job cannot start; the message says what to change."""
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    return path.removeprefix("file://")
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Files matching ``pattern``, locally or on any filesystem pyarrow opens."""
+    if not is_remote(pattern):
+        return sorted(glob.glob(local_path(pattern), recursive=True))
+    filesystem, path = pa_fs.FileSystem.from_uri(pattern.split("*")[0].rsplit("/", 1)[0])
+    scheme = pattern.split("://", 1)[0]
+    base = pattern.split("://", 1)[1]
+    selector = pa_fs.FileSelector(path, recursive=True)
+    return sorted(
+        f"{scheme}://{info.path}"
+        for info in filesystem.get_file_info(selector)
+        if info.type == pa_fs.FileType.File and fnmatch.fnmatch(info.path, base)
+    )
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], str]:
+    """Input paths (globs expanded) and their one format: parquet, csv or tsv."""
+    paths: list[str] = []
+    for item in inputs:
+        if any(ch in item for ch in "*?["):
+            matched = expand_glob(item)
+            if not matched:
+                raise ScoringError(f"--input {item} matches no files")
+            paths += matched
+        else:
+            if not is_remote(item) and not Path(local_path(item)).exists():
+                raise ScoringError(f"--input {item} does not exist")
+            paths.append(item)
+    formats = {input_format(p) for p in paths}
+    if len(formats) > 1:
+        raise ScoringError(
+            f"--input mixes formats ({', '.join(sorted(formats))}); score each apart"
+        )
+    return paths, formats.pop()
+
+
+def input_format(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name.endswith(TEXT_SUFFIXES):
+        return name.rsplit(".", 1)[1]
+    if name == UCI_NAME.lower():
+        return "tsv"
+    return "parquet"  # files by suffix, folders (hive partitions included) as Parquet
+
+
+def is_headerless_uci(path: str) -> bool:
+    """The UCI file has no header: its first line starts with a label."""
+    if is_remote(path):
+        return False
+    with open(local_path(path), encoding="utf-8", errors="replace") as handle:
+        return handle.readline().startswith(("ham\t", "spam\t"))
+
+
+def read_messages(paths: list[str], fmt: str):
+    """A Ray Dataset over the inputs."""
+    import ray.data
+
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths)  # hive partitions become columns (the default)
+    if fmt == "csv":
+        parse = pa_csv.ParseOptions(newlines_in_values=True)
+        return ray.data.read_csv(paths, parse_options=parse)
+    parse = pa_csv.ParseOptions(delimiter="\t", quote_char=False)
+    names = ["Label", "Text"] if is_headerless_uci(paths[0]) else None
+    return ray.data.read_csv(
+        paths, parse_options=parse, read_options=pa_csv.ReadOptions(column_names=names)
+    )
+
+
+def resolve_text_column(columns: list[str], requested: str | None) -> str:
+    """``requested``, else ``text`` or the one column named so in another case (the
+    chapter's files say ``Text``)."""
+    if requested is not None:
+        if requested not in columns:
+            raise ScoringError(
+                f"the input has no column {requested!r} (columns: {', '.join(columns)}); "
+                "pass --text-column with the column holding the messages"
+            )
+        return requested
+    matches = [c for c in columns if c.lower() == "text"]
+    if len(matches) != 1:
+        raise ScoringError(
+            f"the input has no column 'text' (columns: {', '.join(columns)}); pass "
+            "--text-column with the column holding the messages"
+        )
+    return matches[0]
+
+
+def is_text_type(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def score_table(
+    predictor: Predictor, table: pa.Table, text_column: str, model_ref: str
+) -> pa.Table:
+    """``table`` with the four result columns appended, row for row."""
+    rows = table.num_rows
+    labels: list[str | None] = [None] * rows
+    probabilities: list[float | None] = [None] * rows
+    errors: list[str | None] = [None] * rows
+    column = table.column(text_column)
+    if not is_text_type(column.type):
+        errors = [f"text column is {column.type}, not a string"] * rows
+    else:
+        texts = column.to_pylist()
+        valid = []
+        for i, text in enumerate(texts):
+            if text is None:
+                errors[i] = "text is null"
+            elif not text.strip():
+                errors[i] = "text is empty"
+            else:
+                valid.append(i)
+        predictions = predictor.predict([texts[i] for i in valid])
+        for i, prediction in zip(valid, predictions):
+            labels[i], probabilities[i] = prediction.label, prediction.spam_probability
+    return (
+        table.append_column("label", pa.array(labels, pa.string()))
+        .append_column("spam_probability", pa.array(probabilities, pa.float64()))
+        .append_column("model", pa.array([model_ref] * rows, pa.string()))
+        .append_column("score_error", pa.array(errors, pa.string()))
+    )
+
+
+class SpamScorer:
+    """The Ray Data actor: loads the model once, then scores Arrow batches."""
+
+    def __init__(
+        self,
+        model_ref: str,
+        tracking_uri: str | None,
+        text_column: str,
+        threads: int,
+        device: str,
+        model_batch_size: int,
+    ):
+        import torch
+
+        from spam_gpt.model_ref import load_predictor
+
+        torch.set_num_threads(threads)
+        self.predictor = load_predictor(
+            model_ref, tracking_uri, device=device, batch_size=model_batch_size
+        )
+        self.text_column = text_column
+        self.model_ref = model_ref
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return score_table(self.predictor, batch, self.text_column, self.model_ref)
+
+
+@dataclass
+class ScoreSummary:
+    rows: int
+    scored: int
+    errored: int
+    spam_share: float
+    seconds: float
+    output: str
+
+    def __str__(self) -> str:
+        return (
+            f"Read {self.rows:,} rows: {self.scored:,} scored, {self.errored:,} errored; "
+            f"{self.spam_share:.1%} labelled spam; {self.rows / self.seconds:,.0f} rows/s "
+            f"({self.seconds:.1f} s); output: {self.output}"
+        )
+
+
+def pin_model_ref(ref: str, tracking_uri: str | None) -> str:
+    """Check the model exists before any work, and pin it: a local path made absolute
+    (actors run elsewhere), an alias resolved to its version (so it cannot move
+    mid-job)."""
+    from spam_gpt.model_ref import MLFLOW_SCHEMES, find_checkpoint, model_version_of
+
+    if not ref.startswith(MLFLOW_SCHEMES):
+        folder = Path(ref).expanduser().resolve()
+        if not folder.exists():
+            raise ScoringError(f"--model {ref}: no such folder")
+        return str(find_checkpoint(folder))
+    if ref.startswith("models:/"):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            name, version = model_version_of(ref, tracking_uri)
+        except (MlflowException, FileNotFoundError) as error:
+            raise ScoringError(f"--model {ref}: {getattr(error, 'message', error)}") from None
+        return f"models:/{name}/{version}"
+    return ref
+
+
+def check_cpus(needed: int) -> None:
+    """Refuse a job the cluster cannot schedule, which would otherwise wait forever: the
+    actors plus one CPU for the read and write tasks."""
+    import ray
+
+    available = ray.cluster_resources().get("CPU", 0)
+    if needed > available:
+        raise ScoringError(
+            f"--concurrency x --cpus-per-actor plus one CPU for reading needs {needed} CPUs; "
+            f"the Ray cluster has {available:g}; lower them"
+        )
+
+
+def summarize(output: str, seconds: float) -> ScoreSummary:
+    """Counts from the written files (two columns, streamed): never held in memory."""
+    rows = scored = spam = 0
+    for batch in pa_ds.dataset(output, format="parquet").to_batches(columns=["label"]):
+        labels = batch.column("label")
+        rows += batch.num_rows
+        scored += batch.num_rows - labels.null_count
+        spam += sum(1 for label in labels.to_pylist() if label == "spam")
+    return ScoreSummary(
+        rows, scored, rows - scored, spam / scored if scored else 0.0, seconds, output
+    )
+
+
+def write_success(output: str, summary: ScoreSummary) -> None:
+    payload = json.dumps(asdict(summary), indent=2).encode()
+    filesystem, path = (
+        pa_fs.FileSystem.from_uri(output)
+        if is_remote(output)
+        else (pa_fs.LocalFileSystem(), local_path(output))
+    )
+    with filesystem.open_output_stream(f"{path}/{SUCCESS_FILE}") as stream:
+        stream.write(payload)
+
+
+def run_scoring(
+    model: str,
+    inputs: list[str],
+    output: str,
+    *,
+    text_column: str | None = None,
+    batch_size: int = 512,
+    concurrency: int = 1,
+    cpus_per_actor: int = 1,
+    gpu: bool = False,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    overwrite: bool = False,
+) -> ScoreSummary:
+    """Score ``inputs`` into the Parquet folder ``output``; see the module docstring."""
+    from spam_gpt.ray_cluster import connect
+
+    paths, fmt = expand_inputs(inputs)
+    if not overwrite and not is_remote(output) and Path(local_path(output)).exists():
+        raise ScoringError(f"--output {output} exists; choose a new folder or pass --overwrite")
+    model_ref = pin_model_ref(model, tracking_uri)
+    connect(address, num_cpus=concurrency * cpus_per_actor + 1)
+    check_cpus(concurrency * cpus_per_actor + 1)
+    dataset = read_messages(paths, fmt)
+    columns = list(dataset.schema().names)
+    column = resolve_text_column(columns, text_column)
+    clashes = [c for c in ADDED_COLUMNS if c in columns]
+    if clashes:
+        raise ScoringError(f"the input already has column(s) {', '.join(clashes)}; rename them")
+    scored = dataset.map_batches(
+        SpamScorer,
+        fn_constructor_kwargs={
+            "model_ref": model_ref,
+            "tracking_uri": tracking_uri,
+            "text_column": column,
+            "threads": cpus_per_actor,
+            "device": "cuda" if gpu else "cpu",
+            "model_batch_size": 64,
+        },
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if gpu else 0,
+    )
+    started = time.perf_counter()
+    if is_remote(output):
+        scored.write_parquet(output)
+        summary = summarize(output, time.perf_counter() - started)
+        write_success(output, summary)
+        return summary
+    target = Path(local_path(output)).resolve()
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        scored.write_parquet(str(staging))
+        summary = summarize(str(staging), time.perf_counter() - started)
+        summary.output = str(target)
+        write_success(str(staging), summary)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary

@@ -1,0 +1,195 @@
+"""Bulk scoring on a local Ray: awkward Parquet in, every row out exactly once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spam_gpt.cli import main
+from spam_gpt.corpus import build_splits
+from spam_gpt.model_ref import load_predictor
+from spam_gpt.scoring import ScoringError, run_scoring
+
+from .conftest import CHAPTER_HAM, CHAPTER_SPAM
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+AWKWARD = [
+    None,
+    "",
+    "   ",
+    "🎉🎉 WIN a FREE cruise 🚢 txt YES now!!",
+    "x" * 10_000,
+    CHAPTER_SPAM,
+    CHAPTER_HAM,
+]
+
+
+def messages() -> list[str | None]:
+    texts: list[str | None] = build_splits()["test"]["Text"].tolist()[:120]
+    return AWKWARD + texts
+
+
+def write_archive(folder: Path) -> pa.Table:
+    """Several files in two hive partitions, with columns of several types."""
+    texts = messages()
+    n = len(texts)
+    table = pa.table(
+        {
+            "id": pa.array(range(n), pa.int64()),
+            "text": pa.array(texts, pa.string()),
+            "received": pa.array(
+                [
+                    dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i)
+                    for i in range(n)
+                ],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "tags": pa.array(
+                [[f"t{i % 3}", "sms"][: 1 + i % 2] for i in range(n)], pa.list_(pa.string())
+            ),
+            "carrier": pa.array(
+                [["acme", "globex", "initech"][i % 3] for i in range(n)]
+            ).dictionary_encode(),
+            "score_hint": pa.array([i / 7 if i % 5 else None for i in range(n)], pa.float32()),
+        }
+    )
+    half = n // 2
+    for region, part in (("eu", table.slice(0, half)), ("us", table.slice(half))):
+        target = folder / f"region={region}"
+        target.mkdir(parents=True)
+        third = part.num_rows // 3 + 1
+        for k in range(3):
+            pq.write_table(part.slice(k * third, third), target / f"part-{k}.parquet")
+    return table
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("archive")
+    original = write_archive(folder / "in")
+    out = folder / "out"
+    summary = run_scoring(str(tiny_run / "model"), [str(folder / "in")], str(out), batch_size=32)
+    return original, pq.read_table(out).sort_by("id"), summary, out
+
+
+def test_every_row_comes_out_once_with_its_columns_unchanged(scored):
+    original, result, summary, _ = scored
+    assert result.num_rows == original.num_rows == summary.rows
+    assert result.column("id").to_pylist() == list(range(original.num_rows))
+    for name in original.column_names:
+        assert result.column(name).type == original.column(name).type, name
+        assert result.column(name).to_pylist() == original.column(name).to_pylist(), name
+    halves = ["eu"] * (original.num_rows // 2) + ["us"] * (
+        original.num_rows - original.num_rows // 2
+    )
+    assert [str(r) for r in result.column("region").to_pylist()] == halves
+
+
+def test_unscorable_rows_are_kept_and_explained(scored):
+    _, result, summary, _ = scored
+    rows = result.to_pylist()
+    assert rows[0]["label"] is None and rows[0]["score_error"] == "text is null"
+    assert rows[1]["label"] is None and rows[1]["score_error"] == "text is empty"
+    assert rows[2]["score_error"] == "text is empty"
+    assert all(r["score_error"] is None and r["label"] in ("spam", "not spam") for r in rows[3:])
+    assert summary.errored == 3 and summary.scored == len(rows) - 3
+    assert rows[5]["label"] == "spam" and rows[6]["label"] == "not spam"
+    assert all(0.0 <= r["spam_probability"] <= 1.0 for r in rows[3:])
+
+
+def test_predictions_equal_classify(scored, tiny_run, capsys):
+    _, result, _, _ = scored
+    rows = [r for r in result.to_pylist() if r["score_error"] is None]
+    predictor = load_predictor(str(tiny_run / "model"))
+    expected = predictor.predict([r["text"] for r in rows])
+    assert [r["label"] for r in rows] == [p.label for p in expected]
+    assert [r["spam_probability"] for r in rows] == pytest.approx(
+        [p.spam_probability for p in expected], abs=1e-5
+    )
+    assert main(["classify", "--model", str(tiny_run / "model"), rows[0]["text"]]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == rows[0]["label"]
+    assert {r["model"] for r in result.to_pylist()} == {str((tiny_run / "model").resolve())}
+
+
+def test_output_is_marked_complete_with_its_summary(scored):
+    _, result, _, out = scored
+    marker = json.loads((out / "_SUCCESS").read_text())
+    assert marker["rows"] == result.num_rows and marker["errored"] == 3
+    assert not list(out.parent.glob(".out.partial-*"))
+
+
+def test_missing_text_column_stops_before_any_work(tiny_run, tmp_path):
+    pq.write_table(pa.table({"id": [1], "body": ["hello"]}), tmp_path / "in.parquet")
+    with pytest.raises(ScoringError, match=r"no column 'text'.*body.*--text-column"):
+        run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_globs_several_paths_and_the_chapters_csv(tiny_run, tmp_path, capsys):
+    pq.write_table(pa.table({"text": ["hi there", None]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": [CHAPTER_SPAM]}), tmp_path / "b.parquet")
+    summary = run_scoring(
+        str(tiny_run / "model"), [str(tmp_path / "*.parquet")], str(tmp_path / "o1")
+    )
+    assert (summary.rows, summary.errored) == (3, 1)
+    assert main(["prepare", "--out", str(tmp_path / "splits")]) == 0
+    inputs = [str(tmp_path / "splits" / "validation.csv"), str(tmp_path / "splits" / "test.csv")]
+    summary = run_scoring(str(tiny_run / "model"), inputs, str(tmp_path / "o2"))
+    assert (summary.rows, summary.errored) == (449, 0)
+    assert set(pq.read_table(tmp_path / "o2").column_names) >= {"Label", "Text", "label"}
+
+
+def test_a_failed_job_leaves_nothing_that_looks_complete(tiny_run, tmp_path):
+    """The model breaks inside the actors, after the job has started writing."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "model", broken)
+    (broken / "model.safetensors").write_bytes(b"not tensors")
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
+    with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises for a dead actor pool
+        run_scoring(str(broken), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_is_not_overwritten_by_accident(tiny_run, tmp_path):
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ScoringError, match="exists"):
+        run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+
+
+def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
+    pq.write_table(pa.table({"text": [CHAPTER_SPAM, CHAPTER_HAM, ""]}), tmp_path / "in.parquet")
+    args = [
+        "score",
+        "--model",
+        str(tiny_run / "model"),
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "Read 3 rows: 2 scored, 1 errored; 50.0% labelled spam" in line
+    assert "rows/s" in line and str(tmp_path / "out") in line
+    assert main(args) == 2  # the output exists now
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_job_the_cluster_cannot_schedule_is_refused(tiny_run, tmp_path):
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
+    with pytest.raises(ScoringError, match="needs 6 CPUs; the Ray cluster has 2"):
+        run_scoring(
+            str(tiny_run / "model"),
+            [str(tmp_path / "in.parquet")],
+            str(tmp_path / "out"),
+            concurrency=5,
+        )
