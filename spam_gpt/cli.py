@@ -124,6 +124,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="MLflow tracking URI for runs:/ and models:/ (default: "
         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 (default) matches training exactly; bf16 is ~3x faster on CPUs with "
+        "AVX512-BF16 or AMX, probabilities within ~0.01",
+    )
 
 
 def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
@@ -269,7 +276,7 @@ def print_summary(metrics: dict) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     from spam_gpt.model_ref import load_predictor
 
-    predictor = load_predictor(args.model, args.tracking_uri)
+    predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
     for text, prediction in zip(args.texts, predictor.predict(args.texts)):
         if args.json:
             print(json.dumps({"text": text, **prediction._asdict()}))
@@ -281,7 +288,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from spam_gpt.evaluation import evaluate_predictor
     from spam_gpt.model_ref import load_predictor
 
-    predictor = load_predictor(args.model, args.tracking_uri)
+    predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
     metrics = evaluate_predictor(predictor, load_splits(args.data))
     print_summary(metrics)
 
@@ -315,6 +322,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         address=args.address,
         tracking_uri=absolute_tracking_uri(args.tracking_uri),
         overwrite=args.overwrite,
+        precision=args.precision,
     )
     print(summary)
 

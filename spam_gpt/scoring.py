@@ -183,6 +183,7 @@ class SpamScorer:
         threads: int,
         device: str,
         model_batch_size: int,
+        precision: str,
     ):
         import torch
 
@@ -190,7 +191,11 @@ class SpamScorer:
 
         torch.set_num_threads(threads)
         self.predictor = load_predictor(
-            model_ref, tracking_uri, device=device, batch_size=model_batch_size
+            model_ref,
+            tracking_uri,
+            device=device,
+            batch_size=model_batch_size,
+            precision=precision,
         )
         self.text_column = text_column
         self.model_ref = model_ref
@@ -288,6 +293,7 @@ def run_scoring(
     address: str | None = None,
     tracking_uri: str | None = None,
     overwrite: bool = False,
+    precision: str = "fp32",
 ) -> ScoreSummary:
     """Score ``inputs`` into the Parquet folder ``output``; see the module docstring."""
     from spam_gpt.ray_cluster import connect
@@ -312,7 +318,8 @@ def run_scoring(
             "text_column": column,
             "threads": cpus_per_actor,
             "device": "cuda" if gpu else "cpu",
-            "model_batch_size": 64,
+            "model_batch_size": 16,
+            "precision": precision,
         },
         batch_format="pyarrow",
         batch_size=batch_size,

@@ -185,6 +185,15 @@ def test_classify_labels_the_chapters_examples(tiny_run, capsys):
     assert record["label"] == "not spam" and record["text"] == CHAPTER_HAM
 
 
+def test_bf16_precision_agrees_with_fp32(tiny_run):
+    texts = SPLITS["test"]["Text"].tolist()
+    exact = Predictor.from_checkpoint(tiny_run / "model").predict(texts)
+    fast = Predictor.from_checkpoint(tiny_run / "model", precision="bf16").predict(texts)
+    agree = sum(a.label == b.label for a, b in zip(exact, fast)) / len(texts)
+    assert agree >= 0.99
+    assert max(abs(a.spam_probability - b.spam_probability) for a, b in zip(exact, fast)) < 0.05
+
+
 def test_evaluate_prints_accuracies_and_spam_scores(tiny_run, capsys):
     assert main(["evaluate", "--model", str(tiny_run / "model")]) == 0
     out = capsys.readouterr().out
