@@ -105,6 +105,35 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     score.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP classification endpoint on Ray Serve",
+        description="Serve POST /classify, POST /classify/batch, GET /healthz, GET /model, a "
+        "web page at / and the API docs at /docs. Blocks until Ctrl-C, then shuts down.",
+    )
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    serve.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
+    serve.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
+    serve.add_argument("--threads", type=int, default=1, help="CPUs and torch threads per replica")
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests per forward pass (default 16)"
+    )
+    serve.add_argument(
+        "--batch-wait-timeout-s",
+        type=float,
+        default=0.01,
+        help="how long a batch waits to fill (default 0.01)",
+    )
+    serve.add_argument("--no-batching", action="store_true", help="one request per forward pass")
+    serve.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    serve.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    serve.add_argument(
+        "--detach", action="store_true", help="deploy and return, leaving the app running"
+    )
+
     generate = commands.add_parser("generate", help="greedy text generation with GPT-2 weights")
     generate.add_argument("--weights", required=True, help="weights folder or name (gpt2-small…)")
     generate.add_argument("--prompt", required=True)
@@ -327,6 +356,27 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from spam_gpt.model_ref import pin_model_ref
+    from spam_gpt.server import serve_forever
+    from spam_gpt.tracking import absolute_tracking_uri
+
+    tracking_uri = absolute_tracking_uri(args.tracking_uri)
+    app_args = {
+        "model": pin_model_ref(args.model, tracking_uri),
+        "tracking_uri": tracking_uri,
+        "precision": args.precision,
+        "max_batch_size": 1 if args.no_batching else args.max_batch_size,
+        "batch_wait_timeout_s": 0.0 if args.no_batching else args.batch_wait_timeout_s,
+        "threads": args.threads,
+        "gpu": args.gpu,
+        "replicas": args.replicas,
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+    }
+    serve_forever(app_args, args.host, args.port, args.address, detach=args.detach)
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -334,6 +384,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "generate": cmd_generate,
     "score": cmd_score,
+    "serve": cmd_serve,
 }
 
 

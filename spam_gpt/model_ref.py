@@ -85,3 +85,23 @@ def load_predictor(ref: str, tracking_uri: str | None = None, **kwargs) -> Predi
     predictor = Predictor.from_checkpoint(str(folder), **kwargs)
     predictor.meta.name, predictor.meta.version = name, version
     return predictor
+
+
+def pin_model_ref(ref: str, tracking_uri: str | None) -> str:
+    """Check the model exists before any work and pin it for workers elsewhere: a local
+    path made absolute, an alias or ``latest`` resolved to its version (so it cannot move
+    while a job runs)."""
+    if not ref.startswith(MLFLOW_SCHEMES):
+        folder = Path(ref).expanduser().resolve()
+        if not folder.exists():
+            raise FileNotFoundError(f"{ref}: no such folder")
+        return str(find_checkpoint(folder))
+    if not ref.startswith("models:/"):
+        return ref
+    from mlflow.exceptions import MlflowException
+
+    try:
+        name, version = model_version_of(ref, tracking_uri)
+    except MlflowException as error:
+        raise FileNotFoundError(error.message) from None
+    return f"models:/{name}/{version}"

@@ -25,6 +25,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
 
+from spam_gpt.model_ref import pin_model_ref
 from spam_gpt.predictor import Predictor
 
 ADDED_COLUMNS = ("label", "spam_probability", "model", "score_error")
@@ -221,28 +222,6 @@ class ScoreSummary:
         )
 
 
-def pin_model_ref(ref: str, tracking_uri: str | None) -> str:
-    """Check the model exists before any work, and pin it: a local path made absolute
-    (actors run elsewhere), an alias resolved to its version (so it cannot move
-    mid-job)."""
-    from spam_gpt.model_ref import MLFLOW_SCHEMES, find_checkpoint, model_version_of
-
-    if not ref.startswith(MLFLOW_SCHEMES):
-        folder = Path(ref).expanduser().resolve()
-        if not folder.exists():
-            raise ScoringError(f"--model {ref}: no such folder")
-        return str(find_checkpoint(folder))
-    if ref.startswith("models:/"):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            name, version = model_version_of(ref, tracking_uri)
-        except (MlflowException, FileNotFoundError) as error:
-            raise ScoringError(f"--model {ref}: {getattr(error, 'message', error)}") from None
-        return f"models:/{name}/{version}"
-    return ref
-
-
 def check_cpus(needed: int) -> None:
     """Refuse a job the cluster cannot schedule, which would otherwise wait forever: the
     actors plus one CPU for the read and write tasks."""
@@ -301,7 +280,10 @@ def run_scoring(
     paths, fmt = expand_inputs(inputs)
     if not overwrite and not is_remote(output) and Path(local_path(output)).exists():
         raise ScoringError(f"--output {output} exists; choose a new folder or pass --overwrite")
-    model_ref = pin_model_ref(model, tracking_uri)
+    try:
+        model_ref = pin_model_ref(model, tracking_uri)
+    except FileNotFoundError as error:
+        raise ScoringError(f"--model {model}: {error}") from None
     connect(address, num_cpus=concurrency * cpus_per_actor + 1)
     check_cpus(concurrency * cpus_per_actor + 1)
     dataset = read_messages(paths, fmt)

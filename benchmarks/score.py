@@ -1,0 +1,177 @@
+"""Scoring throughput: the Ray Data job against the chapter's loop and transformers.
+
+    python benchmarks/score.py [--rows 100000] [--models tiny gpt2-small]
+
+For each model (random weights: speed does not depend on training) it writes the corpus
+replicated to ``--rows`` rows of Parquet and measures rows per second of
+  (a) ``spam-gpt score`` (Ray Data, one actor with every core), in fp32 and bf16;
+  (b) the chapter's ``classify_review`` loop: each message padded to 120, one at a time;
+  (c) transformers' ``GPT2ForSequenceClassification`` with the same weights, batches of
+      64 in input order padded to their longest message.
+(b) and (c) run on ``--sample`` messages of the same file; (a) on ``--job-rows`` of it.
+Prints a Markdown table with the ratios (a)/(b) and (a)/(c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from spam_gpt.checkpoint import ClassifierMeta, load_classifier, save_classifier
+from spam_gpt.classifier import SpamClassifier
+from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+from spam_gpt.model import MODEL_CONFIGS, GPTModel, init_gpt2_weights
+from spam_gpt.scoring import run_scoring
+from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
+
+THREADS = os.cpu_count() or 1
+
+
+def write_corpus(path: Path, rows: int) -> list[str]:
+    texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
+    replicated = (texts * (rows // len(texts) + 1))[:rows]
+    pq.write_table(pa.table({"id": range(rows), "text": replicated}), path, row_group_size=10_000)
+    return replicated
+
+
+def random_checkpoint(name: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    gpt = GPTModel(MODEL_CONFIGS[name])
+    init_gpt2_weights(gpt)
+    classifier = SpamClassifier(gpt, token="last_real")
+    meta = ClassifierMeta(MODEL_CONFIGS[name].to_dict(), "last_real", "batch", max_length=120)
+    return save_classifier(classifier, meta, folder / name)
+
+
+def chapter_loop(checkpoint: Path, texts: list[str]) -> float:
+    """The chapter's ``classify_review``: pad to 120, one message per forward pass."""
+    classifier, _ = load_classifier(checkpoint)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for text in texts:
+            ids = encode_text(text)[:120]
+            batch = torch.tensor([ids + [PAD_TOKEN_ID] * (120 - len(ids))])
+            classifier.gpt(batch)[:, -1, :].argmax(dim=-1).item()
+    return len(texts) / (time.perf_counter() - started)
+
+
+def transformers_model(checkpoint: Path):
+    """GPT2ForSequenceClassification holding the checkpoint's weights (its head has no
+    bias; ours does, which changes nothing about speed)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    classifier, meta = load_classifier(checkpoint)
+    cfg = meta.model_config
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            n_embd=cfg["emb_dim"],
+            n_layer=cfg["n_layers"],
+            n_head=cfg["n_heads"],
+            n_positions=cfg["context_length"],
+            num_labels=2,
+            pad_token_id=PAD_TOKEN_ID,
+        )
+    ).eval()
+    ours = classifier.gpt.state_dict()
+    state = {
+        "transformer.wte.weight": ours["tok_emb.weight"],
+        "transformer.wpe.weight": ours["pos_emb.weight"],
+        "transformer.ln_f.weight": ours["final_norm.weight"],
+        "transformer.ln_f.bias": ours["final_norm.bias"],
+        "score.weight": ours["out_head.weight"],
+    }
+    for i in range(cfg["n_layers"]):
+        b, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        qkv = ("W_query", "W_key", "W_value")
+        state[h + "attn.c_attn.weight"] = torch.cat([ours[b + f"att.{n}.weight"] for n in qkv]).T
+        state[h + "attn.c_attn.bias"] = torch.cat([ours[b + f"att.{n}.bias"] for n in qkv])
+        for theirs, mine, transpose in (
+            ("attn.c_proj", "att.out_proj", True),
+            ("mlp.c_fc", "ff.layers.0", True),
+            ("mlp.c_proj", "ff.layers.2", True),
+            ("ln_1", "norm1", False),
+            ("ln_2", "norm2", False),
+        ):
+            weight = ours[b + mine + ".weight"]
+            state[h + theirs + ".weight"] = weight.T if transpose else weight
+            state[h + theirs + ".bias"] = ours[b + mine + ".bias"]
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    return model
+
+
+def transformers_batched(checkpoint: Path, texts: list[str], batch_size: int = 64) -> float:
+    model = transformers_model(checkpoint)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            ids = [encode_text(t)[:120] for t in texts[start : start + batch_size]]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([i + [PAD_TOKEN_ID] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+            model(input_ids=input_ids, attention_mask=mask).logits.argmax(dim=-1)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def scoring_job(checkpoint: Path, parquet: Path, out: Path, precision: str) -> float:
+    summary = run_scoring(
+        str(checkpoint),
+        [str(parquet)],
+        str(out),
+        cpus_per_actor=THREADS,
+        precision=precision,
+        overwrite=True,
+    )
+    return summary.rows / summary.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="rows in the Parquet file")
+    parser.add_argument("--job-rows", type=int, nargs="*", help="rows the job scores, per model")
+    parser.add_argument("--sample", type=int, nargs="*", help="messages for (b) and (c), per model")
+    parser.add_argument("--models", nargs="+", default=["tiny", "gpt2-small"])
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    job_rows = args.job_rows or [args.rows] * len(args.models)
+    samples = args.sample or [2000] * len(args.models)
+    work = Path(tempfile.mkdtemp(prefix="spam-gpt-bench-"))
+    texts = write_corpus(work / "messages.parquet", args.rows)
+    print(
+        f"{platform.processor() or platform.machine()}, {THREADS} CPUs, torch {torch.__version__}, "
+        f"{args.rows:,} rows in {work / 'messages.parquet'}"
+    )
+    print(
+        "| model | (a) job fp32 | (a) job bf16 | (b) chapter loop | (c) transformers | "
+        "(a)/(b) fp32, bf16 | (a)/(c) fp32, bf16 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, rows, sample in zip(args.models, job_rows, samples):
+        checkpoint = random_checkpoint(name, work)
+        parquet = work / "messages.parquet"
+        if rows < args.rows:
+            parquet = work / f"messages-{rows}.parquet"
+            pq.write_table(pq.read_table(work / "messages.parquet").slice(0, rows), parquet)
+        job = {
+            p: scoring_job(checkpoint, parquet, work / f"out-{name}-{p}", p)
+            for p in ("fp32", "bf16")
+        }
+        loop = chapter_loop(checkpoint, texts[:sample])
+        hf = transformers_batched(checkpoint, texts[:sample])
+        print(
+            f"| {name} | {job['fp32']:.1f} | {job['bf16']:.1f} | {loop:.1f} | {hf:.1f} | "
+            f"{job['fp32'] / loop:.1f}x, {job['bf16'] / loop:.1f}x | "
+            f"{job['fp32'] / hf:.1f}x, {job['bf16'] / hf:.1f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Starting and stopping the Serve application from the command line."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+
+from spam_gpt.ray_cluster import connect
+
+APP_NAME = "spam-gpt"
+
+
+def wait_until_healthy(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz did not answer within {timeout:.0f} s")
+
+
+def deploy(app_args: dict, host: str, port: int, address: str | None) -> str:
+    """Run the application on Ray Serve and wait until it answers; returns its URL."""
+    from ray import serve
+
+    from spam_gpt.serving import build_app
+
+    replicas = app_args.get("max_replicas") or app_args.get("replicas") or 1
+    connect(address, num_cpus=replicas * app_args.get("threads", 1) + 1)
+    serve.start(http_options={"host": host, "port": port})
+    args = {k: v for k, v in app_args.items() if v is not None}
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    wait_until_healthy(url)
+    return url
+
+
+def serve_forever(
+    app_args: dict, host: str, port: int, address: str | None, detach: bool = False
+) -> None:
+    """Deploy, then block until Ctrl-C or SIGTERM and shut Serve down cleanly."""
+    from ray import serve
+
+    url = deploy(app_args, host, port, address)
+    print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
+    if detach:
+        return
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("Shutting down…", flush=True)
+    serve.shutdown()

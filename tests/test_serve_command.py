@@ -1,0 +1,52 @@
+"""`spam-gpt serve` as a user runs it: it comes up, answers, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+
+from .conftest import CHAPTER_SPAM, free_port, wait_for_http
+
+
+def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spam_gpt.cli",
+            "serve",
+            "--model",
+            str(tiny_run / "model"),
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", timeout=240, process=process)
+        request = urllib.request.Request(
+            f"{url}/classify",
+            data=json.dumps({"text": CHAPTER_SPAM}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["label"] == "spam"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert f"Serving {tiny_run / 'model'} at {url}" in output and "Shutting down" in output
+    try:
+        urllib.request.urlopen(f"{url}/healthz", timeout=5)
+        raise AssertionError("the endpoint still answers after Ctrl-C")
+    except OSError:
+        pass
