@@ -357,10 +357,17 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
     from spam_gpt.model_ref import pin_model_ref
     from spam_gpt.server import serve_forever
     from spam_gpt.tracking import absolute_tracking_uri
 
+    if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError(
+            "--detach leaves the endpoint running on a cluster; give --address (a local Ray "
+            "ends with this command)"
+        )
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     app_args = {
         "model": pin_model_ref(args.model, tracking_uri),

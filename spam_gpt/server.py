@@ -39,23 +39,27 @@ def deploy(app_args: dict, host: str, port: int, address: str | None) -> str:
     return url
 
 
+def interrupt(*_) -> None:
+    """SIGTERM (``ray job stop``, ``kill``) stops the server like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def serve_forever(
     app_args: dict, host: str, port: int, address: str | None, detach: bool = False
 ) -> None:
-    """Deploy, then block until Ctrl-C or SIGTERM and shut Serve down cleanly."""
+    """Deploy, then block until Ctrl-C or SIGTERM (even during start-up) and shut Serve
+    down cleanly."""
     from ray import serve
 
-    url = deploy(app_args, host, port, address)
-    print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
-    if detach:
-        return
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    print("Press Ctrl-C to stop.", flush=True)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        while not stop:
+        url = deploy(app_args, host, port, address)
+        print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
+        if detach:
+            return
+        print("Press Ctrl-C to stop.", flush=True)
+        while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
-    print("Shutting down…", flush=True)
-    serve.shutdown()
+        print("Shutting down…", flush=True)
+        serve.shutdown()

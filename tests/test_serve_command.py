@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 from .conftest import CHAPTER_SPAM, free_port, wait_for_http
@@ -31,6 +32,10 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/healthz", timeout=240, process=process)
+        deadline = time.monotonic() + 60
+        while "Press Ctrl-C" not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline, "serve never said it was ready"
+            time.sleep(0.2)
         request = urllib.request.Request(
             f"{url}/classify",
             data=json.dumps({"text": CHAPTER_SPAM}).encode(),
