@@ -84,3 +84,20 @@ def test_train_job_script_takes_spam_gpt_train_options():
     )
     assert result.returncode == 0
     assert "--workers" in result.stdout and "--resume" in result.stdout
+
+
+def test_serve_config_file_builds_the_application():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from spam_gpt.serving import build_app
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # Ray's own schema for `serve deploy`
+    (app,) = config["applications"]
+    assert app["import_path"] == "spam_gpt.serving:build_app"
+    application = build_app(app["args"])
+    deployment = application._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    with pytest.raises(ValueError, match="args.model"):
+        build_app({})
