@@ -99,5 +99,5 @@ def test_serve_config_file_builds_the_application():
     application = build_app(app["args"])
     deployment = application._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
-    with pytest.raises(ValueError, match="args.model"):
+    with pytest.raises(ValueError, match=r"args\.model"):
         build_app({})
