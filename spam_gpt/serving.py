@@ -231,7 +231,8 @@ def build_app(args: dict):
     """Application builder for ``serve run`` / ``serve deploy`` configs.
 
     ``args`` keys: model (required), tracking_uri, precision, max_batch_size,
-    batch_wait_timeout_s, threads, replicas or min_replicas/max_replicas, gpu.
+    batch_wait_timeout_s, threads, replicas or min_replicas/max_replicas, gpu,
+    max_ongoing_requests (per replica, default 64).
     """
     args = dict(args)
     if "model" not in args:
@@ -240,7 +241,11 @@ def build_app(args: dict):
     bounds = (args.pop("min_replicas", None), args.pop("max_replicas", None))
     gpu = bool(args.pop("gpu", False))
     threads = int(args.get("threads", 1))
-    options: dict = {"ray_actor_options": {"num_cpus": threads, "num_gpus": 1 if gpu else 0}}
+    options: dict = {
+        "ray_actor_options": {"num_cpus": threads, "num_gpus": 1 if gpu else 0},
+        # Serve's default (5 requests in flight per replica) would cap every batch at 5.
+        "max_ongoing_requests": int(args.pop("max_ongoing_requests", 64)),
+    }
     if bounds != (None, None):
         low, high = bounds[0] or 1, bounds[1] or max(bounds[0] or 1, 1)
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high}

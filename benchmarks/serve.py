@@ -1,0 +1,123 @@
+"""Serving throughput and latency, with ``@serve.batch`` on and off.
+
+    python benchmarks/serve.py [--models tiny gpt2-small] [--requests 2000 400] [--seconds 30]
+
+For each model (random weights) and batching on/off, one replica with every core serves
+``POST /classify`` on 127.0.0.1; a load generator keeps 1, 8 and 32 requests in flight
+(persistent connections, corpus messages) for at most ``--requests`` requests or
+``--seconds`` seconds. Prints a Markdown table: requests/s, p50/p95/p99 latency, errors,
+and the batched/unbatched throughput ratio at each concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from score import random_checkpoint
+
+from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+from spam_gpt.server import deploy
+
+CONCURRENCY = (1, 8, 32)
+
+
+def load(port: int, texts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
+    """Keep ``concurrency`` requests in flight; latencies in ms, errors counted."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker(seed: int) -> None:
+        nonlocal errors, issued
+        rng = random.Random(seed)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while time.monotonic() < deadline:
+            with lock:
+                if issued >= requests:
+                    break
+                issued += 1
+            body = json.dumps({"text": rng.choice(texts)})
+            started = time.perf_counter()
+            try:
+                connection.request("POST", "/classify", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except OSError:
+                ok = False
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                else:
+                    errors += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    return {"rps": len(latencies) / wall, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98],
+            "errors": errors, "requests": len(latencies) + errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "gpt2-small"])
+    parser.add_argument("--requests", type=int, nargs="+", default=[2000, 400])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
+    work = Path(tempfile.mkdtemp(prefix="spam-gpt-serve-bench-"))
+    print(f"{platform.machine()}, {threads} CPUs, torch {torch.__version__}, precision "
+          f"{args.precision}, at most {args.seconds:.0f} s per cell")
+    print("| model | batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms "
+          "| errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for name, requests in zip(args.models, args.requests):
+        checkpoint = random_checkpoint(name, work)
+        rps = {}
+        for batching in (True, False):
+            port = 18000 + len(rps)
+            app = {"model": str(checkpoint), "threads": threads, "precision": args.precision,
+                   "max_batch_size": 16 if batching else 1,
+                   "batch_wait_timeout_s": 0.01 if batching else 0.0}
+            deploy(app, "127.0.0.1", port, address=None)
+            load(port, texts, 4, 20, 10)  # warm-up
+            for concurrency in CONCURRENCY:
+                cell = load(port, texts, concurrency, requests, args.seconds)
+                rps[batching, concurrency] = cell["rps"]
+                print(f"| {name} | {'on' if batching else 'off'} | {concurrency} | "
+                      f"{cell['requests']} | {cell['rps']:.1f} | {cell['p50']:.0f} | "
+                      f"{cell['p95']:.0f} | {cell['p99']:.0f} | {cell['errors']} |", flush=True)
+            from ray import serve
+
+            serve.shutdown()
+        ratios.append((name, [rps[True, c] / rps[False, c] for c in CONCURRENCY]))
+    print("\n| model | batched / unbatched req/s at concurrency 1, 8, 32 |\n|---|---|")
+    for name, values in ratios:
+        print(f"| {name} | {', '.join(f'{v:.2f}x' for v in values)} |")
+
+
+if __name__ == "__main__":
+    main()
