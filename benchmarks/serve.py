@@ -74,8 +74,14 @@ def load(port: int, texts: list[str], concurrency: int, requests: int, seconds: 
         thread.join()
     wall = time.perf_counter() - started
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-    return {"rps": len(latencies) / wall, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98],
-            "errors": errors, "requests": len(latencies) + errors}
+    return {
+        "rps": len(latencies) / wall,
+        "p50": cuts[49],
+        "p95": cuts[94],
+        "p99": cuts[98],
+        "errors": errors,
+        "requests": len(latencies) + errors,
+    }
 
 
 def main() -> None:
@@ -88,10 +94,13 @@ def main() -> None:
     threads = os.cpu_count() or 1
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
     work = Path(tempfile.mkdtemp(prefix="spam-gpt-serve-bench-"))
-    print(f"{platform.machine()}, {threads} CPUs, torch {torch.__version__}, precision "
-          f"{args.precision}, at most {args.seconds:.0f} s per cell")
-    print("| model | batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms "
-          "| errors |")
+    print(
+        f"{platform.machine()}, {threads} CPUs, torch {torch.__version__}, precision "
+        f"{args.precision}, at most {args.seconds:.0f} s per cell"
+    )
+    print(
+        "| model | batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ratios = []
     for name, requests in zip(args.models, args.requests):
@@ -99,17 +108,24 @@ def main() -> None:
         rps = {}
         for batching in (True, False):
             port = 18000 + len(rps)
-            app = {"model": str(checkpoint), "threads": threads, "precision": args.precision,
-                   "max_batch_size": 16 if batching else 1,
-                   "batch_wait_timeout_s": 0.01 if batching else 0.0}
+            app = {
+                "model": str(checkpoint),
+                "threads": threads,
+                "precision": args.precision,
+                "max_batch_size": 16 if batching else 1,
+                "batch_wait_timeout_s": 0.01 if batching else 0.0,
+            }
             deploy(app, "127.0.0.1", port, address=None)
             load(port, texts, 4, 20, 10)  # warm-up
             for concurrency in CONCURRENCY:
                 cell = load(port, texts, concurrency, requests, args.seconds)
                 rps[batching, concurrency] = cell["rps"]
-                print(f"| {name} | {'on' if batching else 'off'} | {concurrency} | "
-                      f"{cell['requests']} | {cell['rps']:.1f} | {cell['p50']:.0f} | "
-                      f"{cell['p95']:.0f} | {cell['p99']:.0f} | {cell['errors']} |", flush=True)
+                print(
+                    f"| {name} | {'on' if batching else 'off'} | {concurrency} | "
+                    f"{cell['requests']} | {cell['rps']:.1f} | {cell['p50']:.0f} | "
+                    f"{cell['p95']:.0f} | {cell['p99']:.0f} | {cell['errors']} |",
+                    flush=True,
+                )
             from ray import serve
 
             serve.shutdown()

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "writing (default 1)",
     )
     score.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    score.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    add_cluster_options(score)
     score.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     serve = commands.add_parser(
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-batching", action="store_true", help="one request per forward pass")
     serve.add_argument("--gpu", action="store_true", help="one GPU per replica")
-    serve.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    add_cluster_options(serve)
     serve.add_argument(
         "--detach", action="store_true", help="deploy and return, leaving the app running"
     )
@@ -139,6 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=20)
     return parser
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object, such as a Ray runtime environment."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_cluster_options(parser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    parser.add_argument(
+        "--runtime-env",
+        type=json_object,
+        metavar="JSON",
+        help='Ray runtime environment when joining a cluster, e.g. \'{"pip": ["torch"]}\' '
+        "(jobs submitted with `ray job submit` get theirs from the submission)",
+    )
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -174,7 +196,7 @@ def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--cpus-per-worker", type=int, help="default: this machine's CPUs / N")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
-    group.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    add_cluster_options(group)
     group.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)"
     )
@@ -276,7 +298,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
         )
     print(f"MLflow run {job.run_id} in experiment {job.experiment!r} at {job.tracking_uri}")
     try:
-        metrics = run_job(job, splits, args.address)
+        metrics = run_job(job, splits, args.address, args.runtime_env)
     except TrainingFailedError as error:
         print(
             f"spam-gpt train: training failed ({type(error).__name__}); continue it with "
@@ -349,6 +371,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         cpus_per_actor=args.cpus_per_actor,
         gpu=args.gpu,
         address=args.address,
+        runtime_env=args.runtime_env,
         tracking_uri=absolute_tracking_uri(args.tracking_uri),
         overwrite=args.overwrite,
         precision=args.precision,
@@ -381,7 +404,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,
     }
-    serve_forever(app_args, args.host, args.port, args.address, detach=args.detach)
+    serve_forever(app_args, args.host, args.port, args.address, args.runtime_env, args.detach)
 
 
 COMMANDS = {

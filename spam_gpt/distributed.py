@@ -213,9 +213,14 @@ def find_job(reference: str, tracking_uri: str) -> TrainJob:
     return TrainJob(**{**fields, "run_id": reference})
 
 
-def run_job(job: TrainJob, splits: dict[str, pd.DataFrame], address: str | None) -> dict:
+def run_job(
+    job: TrainJob,
+    splits: dict[str, pd.DataFrame],
+    address: str | None,
+    runtime_env: dict | None = None,
+) -> dict:
     """Run (or continue) ``job`` on Ray; copy its outputs to ``job.output``."""
-    connect(address, num_cpus=job.workers * job.cpus_per_worker)
+    connect(address, num_cpus=job.workers * job.cpus_per_worker, runtime_env=runtime_env)
     client = MlflowClient(job.tracking_uri)
     client.update_run(job.run_id, status="RUNNING")
     trainer = TorchTrainer(

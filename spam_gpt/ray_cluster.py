@@ -7,7 +7,9 @@ import os
 import ray
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+def connect(
+    address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None
+) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``); else start a local Ray with enough CPUs.
 
     A local Ray gets at least ``num_cpus`` logical CPUs even on a smaller machine, so a job
@@ -17,7 +19,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
         return
     cpus = max(os.cpu_count() or 1, num_cpus or 1)
     ray.init(num_cpus=cpus)

@@ -270,6 +270,7 @@ def run_scoring(
     cpus_per_actor: int = 1,
     gpu: bool = False,
     address: str | None = None,
+    runtime_env: dict | None = None,
     tracking_uri: str | None = None,
     overwrite: bool = False,
     precision: str = "fp32",
@@ -284,7 +285,7 @@ def run_scoring(
         model_ref = pin_model_ref(model, tracking_uri)
     except FileNotFoundError as error:
         raise ScoringError(f"--model {model}: {error}") from None
-    connect(address, num_cpus=concurrency * cpus_per_actor + 1)
+    connect(address, num_cpus=concurrency * cpus_per_actor + 1, runtime_env=runtime_env)
     check_cpus(concurrency * cpus_per_actor + 1)
     dataset = read_messages(paths, fmt)
     columns = list(dataset.schema().names)

@@ -23,14 +23,16 @@ def wait_until_healthy(url: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{url}/healthz did not answer within {timeout:.0f} s")
 
 
-def deploy(app_args: dict, host: str, port: int, address: str | None) -> str:
+def deploy(
+    app_args: dict, host: str, port: int, address: str | None, runtime_env: dict | None = None
+) -> str:
     """Run the application on Ray Serve and wait until it answers; returns its URL."""
     from ray import serve
 
     from spam_gpt.serving import build_app
 
     replicas = app_args.get("max_replicas") or app_args.get("replicas") or 1
-    connect(address, num_cpus=replicas * app_args.get("threads", 1) + 1)
+    connect(address, num_cpus=replicas * app_args.get("threads", 1) + 1, runtime_env=runtime_env)
     serve.start(http_options={"host": host, "port": port})
     args = {k: v for k, v in app_args.items() if v is not None}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
@@ -45,7 +47,12 @@ def interrupt(*_) -> None:
 
 
 def serve_forever(
-    app_args: dict, host: str, port: int, address: str | None, detach: bool = False
+    app_args: dict,
+    host: str,
+    port: int,
+    address: str | None,
+    runtime_env: dict | None = None,
+    detach: bool = False,
 ) -> None:
     """Deploy, then block until Ctrl-C or SIGTERM (even during start-up) and shut Serve
     down cleanly."""
@@ -53,7 +60,7 @@ def serve_forever(
 
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        url = deploy(app_args, host, port, address)
+        url = deploy(app_args, host, port, address, runtime_env)
         print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
         if detach:
             return

@@ -9,6 +9,7 @@ apart, and an unknown or ill-typed key is an error that names it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def check_value(where: str, action: argparse.Action, value: object) -> None:
     if isinstance(action, argparse._StoreTrueAction):
         ok = isinstance(value, bool)
         expected = "true or false"
+    elif getattr(action.type, "__name__", "") == "json_object":
+        ok = isinstance(value, dict)
+        expected = "a mapping"
     elif action.type in (int, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = ok and (action.type is float or isinstance(value, int))
@@ -101,6 +105,8 @@ def settings_arguments(
         check_value(label, action, value)
         if isinstance(action, argparse._StoreTrueAction):
             arguments += [action.option_strings[0]] if value else []
+        elif isinstance(value, dict):
+            arguments += [action.option_strings[0], json.dumps(value)]
         else:
             arguments += [action.option_strings[0], str(value)]
     return arguments

@@ -49,6 +49,17 @@ def test_file_defaults_then_command_line_wins(tmp_path):
     assert (parsed.workers, parsed.gpu, parsed.lr, parsed.preset) == (1, True, 0.01, "tiny")
 
 
+def test_runtime_env_is_a_mapping_passed_as_json(tmp_path):
+    args = arguments(tmp_path, "common: {runtime_env: {env_vars: {A: '1'}}}\n", "score")
+    assert args == ["--runtime-env", '{"env_vars": {"A": "1"}}']
+    parsed = build_parser().parse_args(
+        ["score", "--model", "m", "--input", "i", "--output", "o", *args]
+    )
+    assert parsed.runtime_env == {"env_vars": {"A": "1"}}
+    with pytest.raises(SettingsError, match="runtime_env: expected a mapping"):
+        arguments(tmp_path, "common: {runtime_env: pip}\n", "score")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
