@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-output
-SPAM := You are a winner you have been specially selected to receive $$1000 cash or a $$2000 award.
-HAM := Hey, just wanted to check if we're still on for dinner tonight? Let me know!
 
-.PHONY: setup demo test lint clean
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: setup browser demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -19,12 +19,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# prepare -> train on 2 Ray Train workers (MLflow, registry) -> score with Ray Data ->
+# serve on Ray Serve and classify over HTTP; see spam_gpt/demo.py.
 demo: setup
-	$(BIN)/spam-gpt prepare --out $(DEMO_DIR)/data
-	$(BIN)/spam-gpt train --preset tiny --data $(DEMO_DIR)/data --output $(DEMO_DIR)/tiny
-	$(BIN)/spam-gpt classify --model $(DEMO_DIR)/tiny/model "$(SPAM)" "$(HAM)"
+	$(BIN)/python -m spam_gpt.demo --out $(DEMO_DIR)
 
-test: setup
+# Debian's Chromium and ChromeDriver, for the test that drives the web page.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  $(SUDO) apt-get install -y -q chromium chromium-driver || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup

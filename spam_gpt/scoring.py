@@ -301,7 +301,7 @@ def run_scoring(
             "text_column": column,
             "threads": cpus_per_actor,
             "device": "cuda" if gpu else "cpu",
-            "model_batch_size": 16,
+            "model_batch_size": 64,
             "precision": precision,
         },
         batch_format="pyarrow",
