@@ -2,8 +2,9 @@
 
 It loads a model once, then for each call tokenizes, truncates as the chapter does, sorts
 by length, cuts forward passes by a padded-token budget so that each pads only to its own
-longest message, and runs under ``torch.inference_mode``. Models that read the last position (the chapter's ``last``)
-are padded to their training length instead, because padding changes their answer.
+longest message, and runs under ``torch.inference_mode``. Models that read the last
+position (the chapter's ``last``) are padded to their training length instead, because
+padding changes their answer.
 """
 
 from __future__ import annotations
