@@ -38,7 +38,7 @@ def model_version_of(ref: str, tracking_uri: str | None) -> tuple[str, str]:
         return ref, ref.split("/")[1]
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name, _, version = ref.removeprefix("models:/").partition("/")
     if version in ("", "latest"):
         versions = client.search_model_versions(f"name='{name}'")
@@ -69,9 +69,11 @@ def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[Path, str,
     try:
         name, version = model_version_of(ref, uri)
         target = tempfile.mkdtemp(prefix="spam-gpt-model-")
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=ref, dst_path=target, tracking_uri=uri
-        )
+        # MLflow 3 resolves a version's logged-model source through the process-wide URIs,
+        # ignoring the ones passed to download_artifacts: set them.
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=target)
     except MlflowException as error:
         raise FileNotFoundError(
             f"cannot load {ref} from MLflow at {uri}: {error.message}"

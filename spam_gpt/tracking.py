@@ -108,7 +108,7 @@ class RunLogger:
     """Rank 0's writer: each metric point goes to MLflow once, keyed by its step."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        self.client = MlflowClient(tracking_uri)
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         self.run_id = run_id
         self.last_step = {
             key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
@@ -193,6 +193,7 @@ def log_pyfunc_model(
     """Log the classifier as a pyfunc "model from code" (nothing pickled), carrying the
     spam_gpt package with it, and return the registered version if ``register_as``."""
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
