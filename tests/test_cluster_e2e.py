@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,27 +28,68 @@ def ray_head():
     """A Ray head on 127.0.0.1 with 2 CPUs and a dashboard (the job server)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python` from here
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 heads want a token; clients then send ~/.ray's
     gcs, dashboard = free_port(), free_port()
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-        env=env, check=True, timeout=300, capture_output=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_http(f"{url}/api/version", timeout=120)
+        wait_for_answer(f"{url}/api/version", timeout=120)
         yield url, env
     finally:
         subprocess.run([str(BIN / "ray"), "stop"], env=env, timeout=180, capture_output=True)
 
 
+def wait_for_answer(url: str, timeout: float) -> None:
+    """Until the server answers at all (401 included: it wants the token)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
 def submit(ray_head, script: str, *args: str) -> str:
     url, env = ray_head
     result = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
-         "--", "python", f"jobs/{script}", *args],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            f"jobs/{script}",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout, result.stdout[-3000:]
@@ -56,8 +99,16 @@ def submit(ray_head, script: str, *args: str) -> str:
 def test_train_score_serve_as_submitted_jobs(ray_head, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # preset, workers and the registered name come from the repository's ray_config.yaml
-    submit(ray_head, "train.py", "--epochs", "2", "--tracking-uri", uri,
-           "--experiment", "cluster-e2e", "--output", str(tmp_path / "train"))
+    submit(
+        ray_head,
+        "train.py",
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "cluster-e2e",
+        "--output",
+        str(tmp_path / "train"),
+    )
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster-e2e").experiment_id])
     assert run.info.status == "FINISHED"
@@ -67,22 +118,43 @@ def test_train_score_serve_as_submitted_jobs(ray_head, tmp_path):
 
     archive = tmp_path / "messages.parquet"
     pq.write_table(pa.table({"id": [1, 2, 3], "text": [CHAPTER_SPAM, CHAPTER_HAM, None]}), archive)
-    output = submit(ray_head, "score.py", "--model", "models:/spam-gpt/latest",
-                    "--tracking-uri", uri, "--input", str(archive),
-                    "--output", str(tmp_path / "scored"))
+    output = submit(
+        ray_head,
+        "score.py",
+        "--model",
+        "models:/spam-gpt/latest",
+        "--tracking-uri",
+        uri,
+        "--input",
+        str(archive),
+        "--output",
+        str(tmp_path / "scored"),
+    )
     assert "Read 3 rows: 2 scored, 1 errored" in output
     scored = pq.read_table(tmp_path / "scored").sort_by("id").to_pylist()
     assert [row["label"] for row in scored] == ["spam", "not spam", None]
     assert scored[0]["model"] == "models:/spam-gpt/1"
 
     port = free_port()
-    submit(ray_head, "serve.py", "--model", "models:/spam-gpt/latest", "--tracking-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port), "--detach")
+    submit(
+        ray_head,
+        "serve.py",
+        "--model",
+        "models:/spam-gpt/latest",
+        "--tracking-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--detach",
+    )
     endpoint = f"http://127.0.0.1:{port}"
     wait_for_http(f"{endpoint}/healthz", timeout=120)
     for text, label in ((CHAPTER_SPAM, "spam"), (CHAPTER_HAM, "not spam")):
         request = urllib.request.Request(
-            f"{endpoint}/classify", data=json.dumps({"text": text}).encode(),
+            f"{endpoint}/classify",
+            data=json.dumps({"text": text}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
