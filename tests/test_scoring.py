@@ -139,6 +139,9 @@ def test_globs_several_paths_and_the_chapters_csv(tiny_run, tmp_path, capsys):
         str(tiny_run / "model"), [str(tmp_path / "*.parquet")], str(tmp_path / "o1")
     )
     assert (summary.rows, summary.errored) == (3, 1)
+    uri = f"file://{tmp_path / 'a.parquet'}"
+    summary = run_scoring(str(tiny_run / "model"), [uri], f"file://{tmp_path / 'o3'}")
+    assert (summary.rows, summary.errored) == (2, 1) and (tmp_path / "o3" / "_SUCCESS").is_file()
     assert main(["prepare", "--out", str(tmp_path / "splits")]) == 0
     inputs = [str(tmp_path / "splits" / "validation.csv"), str(tmp_path / "splits" / "test.csv")]
     summary = run_scoring(str(tiny_run / "model"), inputs, str(tmp_path / "o2"))

@@ -48,32 +48,28 @@ def test_hub_layout_matches_transformers_logits(hf_gpt2_dir, tmp_path):
     assert_matches_transformers(ours.eval(), GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval())
 
 
-def test_greedy_generation_matches_transformers(hf_gpt2_dir):
-    ours, _ = load_pretrained_gpt(str(hf_gpt2_dir))
-    reference = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
-    ids = torch.tensor([encode_text(PROMPT)])
-    expected = reference.generate(
+def transformers_greedy(hf_dir: Path, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Greedy continuation by transformers itself (never stopping at end-of-text)."""
+    reference = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    return reference.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=15,
+        max_new_tokens=tokens,
         do_sample=False,
         eos_token_id=None,
         pad_token_id=50256,
     )
+
+
+def test_greedy_generation_matches_transformers(hf_gpt2_dir):
+    ours, _ = load_pretrained_gpt(str(hf_gpt2_dir))
+    ids = torch.tensor([encode_text(PROMPT)])
+    expected = transformers_greedy(hf_gpt2_dir, ids, 15)
     assert torch.equal(generate_text_simple(ours, ids, 15, 256), expected)
 
 
 def test_generate_command_prints_prompt_and_greedy_continuation(hf_gpt2_dir, capsys):
-    reference = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
-    ids = torch.tensor([encode_text(PROMPT)])
-    expected = reference.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=8,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=50256,
-    )
+    expected = transformers_greedy(hf_gpt2_dir, torch.tensor([encode_text(PROMPT)]), 8)
     args = ["generate", "--weights", str(hf_gpt2_dir), "--prompt", PROMPT, "--max-new-tokens", "8"]
     assert main(args) == 0
     printed = capsys.readouterr().out.rstrip("\n")
