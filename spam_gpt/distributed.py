@@ -178,7 +178,7 @@ def new_job(
         data=data,
     )
     job.params = {
-        **{k: v for k, v in job.config.items()},
+        **job.config,
         "workers": workers,
         "cpus_per_worker": cpus_per_worker,
         "gpu": gpu,
