@@ -245,11 +245,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-
+    if not (args.output or args.resume):
+        raise ValueError("--output is required")
     if args.resume or args.workers or args.address or args.gpu:
         return train_on_ray(args)
-    if not args.output:
-        raise ValueError("--output is required")
     from spam_gpt.finetune import finetune, write_outputs
 
     result = finetune(config_from_args(args), load_splits(args.data))
@@ -278,8 +277,6 @@ def train_on_ray(args: argparse.Namespace) -> int:
         job = find_job(args.resume, tracking_uri)
         splits = load_splits(job.data)
     else:
-        if not args.output:
-            raise ValueError("--output is required")
         workers = args.workers or 1
         splits = load_splits(args.data)
         job = new_job(

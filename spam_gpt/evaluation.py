@@ -6,15 +6,7 @@ import pandas as pd
 import torch
 
 from spam_gpt.predictor import Predictor
-from spam_gpt.training import spam_scores
-
-
-def confusion_matrix(labels: list[int], predicted: list[int]) -> torch.Tensor:
-    """Counts ``[true label, predicted label]``."""
-    counts = torch.zeros(2, 2, dtype=torch.float64)
-    for true, guess in zip(labels, predicted):
-        counts[true, guess] += 1
-    return counts
+from spam_gpt.training import accuracy_of, count_confusion, spam_scores
 
 
 def evaluate_predictor(predictor: Predictor, splits: dict[str, pd.DataFrame]) -> dict:
@@ -23,10 +15,11 @@ def evaluate_predictor(predictor: Predictor, splits: dict[str, pd.DataFrame]) ->
     metrics: dict = {}
     for name, frame in splits.items():
         probabilities = predictor.spam_probabilities(predictor.tokenize(list(frame["Text"])))
-        confusion = confusion_matrix(
-            [int(x) for x in frame["Label"]], [int(p > 0.5) for p in probabilities]
+        confusion = count_confusion(
+            torch.tensor([int(x) for x in frame["Label"]]),
+            torch.tensor([int(p > 0.5) for p in probabilities]),
         )
-        metrics[f"{name}_accuracy"] = (confusion.trace() / confusion.sum()).item()
+        metrics[f"{name}_accuracy"] = accuracy_of(confusion)
         if name == "test":
             metrics |= spam_scores(confusion) | {"confusion_matrix": confusion.int().tolist()}
     return metrics

@@ -29,6 +29,7 @@ from spam_gpt.training import (
     EvalHook,
     Reduce,
     TrainingHistory,
+    accuracy_of,
     calc_accuracy_loader,
     confusion_matrix_loader,
     local_only,
@@ -162,7 +163,7 @@ def finetune(
     )
     metrics = {
         **accuracies,
-        "test_accuracy": (confusion.trace() / confusion.sum()).item(),
+        "test_accuracy": accuracy_of(confusion),
         **spam_scores(confusion),
         "confusion_matrix": confusion.int().tolist(),
         "training_seconds": training_seconds,

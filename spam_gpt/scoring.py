@@ -30,7 +30,6 @@ from spam_gpt.predictor import Predictor
 
 ADDED_COLUMNS = ("label", "spam_probability", "model", "score_error")
 SUCCESS_FILE = "_SUCCESS"
-PARQUET_SUFFIXES = (".parquet", ".pq")
 TEXT_SUFFIXES = (".csv", ".tsv")
 UCI_NAME = "SMSSpamCollection"
 
@@ -236,7 +235,7 @@ def check_cpus(needed: int) -> None:
 
 
 def summarize(output: str, seconds: float) -> ScoreSummary:
-    """Counts from the written files (two columns, streamed): never held in memory."""
+    """Counts from the written files (the label column, streamed): never held in memory."""
     rows = scored = spam = 0
     for batch in pa_ds.dataset(output, format="parquet").to_batches(columns=["label"]):
         labels = batch.column("label")

@@ -83,6 +83,17 @@ def calc_loss_loader(
     return (sums / counts).mean().item()
 
 
+def count_confusion(labels: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Counts ``[true label, predicted label]`` of two label vectors."""
+    counts = torch.zeros(2, 2, dtype=torch.float64)
+    ones = torch.ones(len(predicted), dtype=torch.float64)
+    return counts.index_put_((labels, predicted), ones, accumulate=True)
+
+
+def accuracy_of(confusion: torch.Tensor) -> float:
+    return (confusion.trace() / confusion.sum()).item()
+
+
 def confusion_matrix_loader(
     data_loader: DataLoader,
     model: torch.nn.Module,
@@ -97,11 +108,7 @@ def confusion_matrix_loader(
         for _, batch in first_batches(data_loader, num_batches):
             if len(batch.labels):
                 predicted = batch_logits(batch, model, device).argmax(dim=-1).cpu()
-                counts.index_put_(
-                    (batch.labels, predicted),
-                    torch.ones(len(predicted), dtype=torch.float64),
-                    accumulate=True,
-                )
+                counts += count_confusion(batch.labels, predicted)
     return reduce(counts)
 
 
@@ -113,8 +120,7 @@ def calc_accuracy_loader(
     reduce: Reduce = local_only,
 ) -> float:
     """Share of correct argmax predictions (the chapter's accuracy)."""
-    counts = confusion_matrix_loader(data_loader, model, device, num_batches, reduce)
-    return (counts.trace() / counts.sum()).item()
+    return accuracy_of(confusion_matrix_loader(data_loader, model, device, num_batches, reduce))
 
 
 def evaluate_model(
