@@ -90,8 +90,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs="+", default=[2000, 400])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the replica"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
+    threads = args.threads
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
     work = Path(tempfile.mkdtemp(prefix="spam-gpt-serve-bench-"))
     print(
@@ -112,12 +118,12 @@ def main() -> None:
                 "model": str(checkpoint),
                 "threads": threads,
                 "precision": args.precision,
-                "max_batch_size": 16 if batching else 1,
-                "batch_wait_timeout_s": 0.01 if batching else 0.0,
+                "max_batch_size": args.max_batch_size if batching else 1,
+                "batch_wait_timeout_s": args.batch_wait_timeout_s if batching else 0.0,
             }
             deploy(app, "127.0.0.1", port, address=None)
             load(port, texts, 4, 20, 10)  # warm-up
-            for concurrency in CONCURRENCY:
+            for concurrency in args.concurrency:
                 cell = load(port, texts, concurrency, requests, args.seconds)
                 rps[batching, concurrency] = cell["rps"]
                 print(
@@ -129,8 +135,9 @@ def main() -> None:
             from ray import serve
 
             serve.shutdown()
-        ratios.append((name, [rps[True, c] / rps[False, c] for c in CONCURRENCY]))
-    print("\n| model | batched / unbatched req/s at concurrency 1, 8, 32 |\n|---|---|")
+        ratios.append((name, [rps[True, c] / rps[False, c] for c in args.concurrency]))
+    levels = ", ".join(str(c) for c in args.concurrency)
+    print(f"\n| model | batched / unbatched req/s at concurrency {levels} |\n|---|---|")
     for name, values in ratios:
         print(f"| {name} | {', '.join(f'{v:.2f}x' for v in values)} |")
 

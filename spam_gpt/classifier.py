@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from spam_gpt.model import GPTModel
+from spam_gpt.packing import PackedBatch
 
 LABEL_NAMES = ("not spam", "spam")
 TRAINABLE_CHOICES = ("last_layer", "last_block", "last_two_blocks", "all")
@@ -40,6 +41,14 @@ class SpamClassifier(nn.Module):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             picked = hidden[rows, lengths.to(hidden.device) - 1, :]
         return self.gpt.out_head(picked)
+
+    def packed_logits(self, batch: PackedBatch) -> torch.Tensor:
+        """Logits per packed message (see :mod:`spam_gpt.packing`): ``first`` reads a
+        message's first column, ``last`` and ``last_real`` its last (a ``last`` model's
+        messages arrive padded to its training length, so that is the chapter's position)."""
+        hidden = self.gpt.features(batch.input_ids, batch.positions, batch.attn_mask)
+        columns = batch.starts if self.token == "first" else batch.ends
+        return self.gpt.out_head(hidden[batch.rows, columns])
 
 
 def set_trainable_layers(classifier: SpamClassifier, trainable: str) -> None:

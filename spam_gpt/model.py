@@ -66,7 +66,7 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
 
         def heads(projection: nn.Linear) -> torch.Tensor:
@@ -76,8 +76,9 @@ class MultiHeadAttention(nn.Module):
             heads(self.W_query),
             heads(self.W_key),
             heads(self.W_value),
+            attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
+            is_causal=attn_mask is None,
         )
         return self.out_proj(context.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -104,8 +105,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), attn_mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -120,11 +121,24 @@ class GPTModel(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
 
-    def features(self, in_idx: torch.Tensor) -> torch.Tensor:
-        """Final-normalised hidden states, one per position: what ``out_head`` reads."""
-        positions = torch.arange(in_idx.shape[1], device=in_idx.device)
+    def features(
+        self,
+        in_idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normalised hidden states, one per position: what ``out_head`` reads.
+
+        By default every row is one causal sequence. Packed rows (several sequences one
+        after another, see :mod:`spam_gpt.packing`) pass each token's ``positions`` and a
+        boolean ``attn_mask`` (rows x 1 x tokens x tokens, True where attention is allowed).
+        """
+        if positions is None:
+            positions = torch.arange(in_idx.shape[1], device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
-        return self.final_norm(self.trf_blocks(x))
+        for block in self.trf_blocks:
+            x = block(x, attn_mask)
+        return self.final_norm(x)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         return self.out_head(self.features(in_idx))

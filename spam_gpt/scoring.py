@@ -182,7 +182,6 @@ class SpamScorer:
         text_column: str,
         threads: int,
         device: str,
-        model_batch_size: int,
         precision: str,
     ):
         import torch
@@ -194,7 +193,6 @@ class SpamScorer:
             model_ref,
             tracking_uri,
             device=device,
-            batch_size=model_batch_size,
             precision=precision,
         )
         self.text_column = text_column
@@ -300,7 +298,6 @@ def run_scoring(
             "text_column": column,
             "threads": cpus_per_actor,
             "device": "cuda" if gpu else "cpu",
-            "model_batch_size": 64,
             "precision": precision,
         },
         batch_format="pyarrow",

@@ -176,17 +176,19 @@ class SpamClassifierService:
         self.classify_many.set_max_batch_size(max_batch_size)
         self.classify_many.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def predict(self, texts: list[str]) -> list[ClassifyResponse]:
-        """Run the model off the event loop, so health checks answer while it works."""
-        predictions = await asyncio.to_thread(self.predictor.predict, texts)
+    def responses(self, texts: list[str]) -> list[ClassifyResponse]:
         return [
             ClassifyResponse(label=p.label, spam_probability=p.spam_probability, model=self.info)
-            for p in predictions
+            for p in self.predictor.predict(texts)
         ]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def classify_many(self, texts: list[str]) -> list[ClassifyResponse]:
-        return await self.predict(texts)
+        """One forward pass for the requests that met here, run on the event loop on
+        purpose: Serve forms the next batch whenever the loop is free, so a model running
+        off the loop would see the waiting requests cut into many small batches (measured
+        at concurrency 32 on gpt2-small: 4 requests per pass instead of 16)."""
+        return self.responses(texts)
 
     @api.post("/classify", response_model=ClassifyResponse)
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
@@ -196,7 +198,8 @@ class SpamClassifierService:
     @api.post("/classify/batch", response_model=BatchResponse)
     async def classify_batch(self, request: BatchRequest) -> BatchResponse:
         """Label up to 256 messages, answered in input order."""
-        return BatchResponse(predictions=await self.predict(request.texts))
+        # Off the event loop: a large batch must not hold up single requests or health checks.
+        return BatchResponse(predictions=await asyncio.to_thread(self.responses, request.texts))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -121,7 +121,7 @@ def test_chapter_preset_reads_the_pretrained_weights(chapter_result, hf_gpt2_dir
 def test_chapter_model_predicts_like_classify_review(chapter_result, tmp_path):
     """The chapter's ``classify_review`` pads each message to 120; so must the predictor."""
     write_outputs(chapter_result, tmp_path)
-    predictor = Predictor.from_checkpoint(tmp_path / "model", batch_size=3)
+    predictor = Predictor.from_checkpoint(tmp_path / "model", max_tokens=3 * 128)
     texts = SPLITS["test"]["Text"].tolist()[:10]
     classifier = chapter_result.classifier.eval()
     for text, prediction in zip(texts, predictor.predict(texts)):

@@ -1,0 +1,84 @@
+"""Packed forward passes: several messages per row, each computed as if it were alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from spam_gpt.checkpoint import ClassifierMeta
+from spam_gpt.classifier import SpamClassifier
+from spam_gpt.model import GPTConfig, GPTModel, init_gpt2_weights
+from spam_gpt.packing import pack_rows, packed_batch, packed_batches
+from spam_gpt.predictor import Predictor
+
+CONFIG = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+
+
+def classifier(token: str) -> SpamClassifier:
+    torch.manual_seed(0)
+    gpt = GPTModel(CONFIG)
+    init_gpt2_weights(gpt)
+    return SpamClassifier(gpt, token=token).eval()
+
+
+def random_messages(count: int, longest: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(50257) for _ in range(rng.randint(1, longest))] for _ in range(count)
+    ]
+
+
+def test_rows_hold_every_message_once_within_their_length():
+    lengths = [30, 1, 12, 64, 7, 7, 20, 100, 3]
+    rows = pack_rows(lengths, 32)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for row in rows:
+        assert sum(lengths[i] for i in row) <= 32 or len(row) == 1
+    assert rows[0] == [7] and rows[1] == [3]  # longest first, oversize alone
+    assert len(rows) == 5  # 100 | 64 | 30+1 | 20+7+3 | 12+7
+
+
+def test_single_message_rows_need_no_mask():
+    batch = packed_batch([[1, 2, 3], [4, 5]], [[0], [1]])
+    assert batch.attn_mask is None
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 50256]]
+    assert batch.ends.tolist() == [2, 1]
+
+
+def test_packed_rows_have_restarting_positions_and_a_block_mask():
+    batch = packed_batch([[1, 2], [3, 4, 5]], [[1, 0]])
+    assert batch.input_ids.tolist() == [[3, 4, 5, 1, 2]]
+    assert batch.positions.tolist() == [[0, 1, 2, 0, 1]]
+    assert batch.starts.tolist() == [0, 3] and batch.ends.tolist() == [2, 4]
+    mask = batch.attn_mask[0, 0].int().tolist()
+    assert mask[4] == [0, 0, 0, 1, 1] and mask[2] == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("token", ["last_real", "first"])
+def test_packed_logits_equal_each_message_alone(token):
+    model = classifier(token)
+    messages = random_messages(40, 60)
+    with torch.no_grad():
+        alone = torch.cat(
+            [model(torch.tensor([ids]), torch.tensor([len(ids)])) for ids in messages]
+        )
+        packed = torch.zeros_like(alone)
+        masked = []
+        for order, batch in packed_batches(messages, row_tokens=64, max_tokens=192):
+            packed[order] = model.packed_logits(batch)
+            masked.append(batch.attn_mask is not None)
+    assert len(masked) > 1 and any(masked)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_predictions_do_not_depend_on_the_company_a_message_keeps():
+    model = classifier("last_real")
+    meta = ClassifierMeta(CONFIG.to_dict(), "last_real", "batch", max_length=60)
+    predictor = Predictor(model, meta, max_tokens=256)
+    texts = ["Call now to win a prize", "see you at 6?", "ok", "Free entry " * 20] * 5
+    together = predictor.spam_probabilities(predictor.tokenize(texts))
+    alone = [predictor.spam_probabilities(predictor.tokenize([text]))[0] for text in texts]
+    assert together == pytest.approx(alone, abs=1e-6)
+    assert len({round(p, 4) for p in together}) == 4  # the messages really differ
