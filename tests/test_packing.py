@@ -25,9 +25,7 @@ def classifier(token: str) -> SpamClassifier:
 
 def random_messages(count: int, longest: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [
-        [rng.randrange(50257) for _ in range(rng.randint(1, longest))] for _ in range(count)
-    ]
+    return [[rng.randrange(50257) for _ in range(rng.randint(1, longest))] for _ in range(count)]
 
 
 def test_rows_hold_every_message_once_within_their_length():
