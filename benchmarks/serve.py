@@ -1,10 +1,12 @@
 """Serving throughput and latency, with ``@serve.batch`` on and off.
 
     python benchmarks/serve.py [--models tiny gpt2-small] [--requests 2000 400] [--seconds 30]
+        [--precision fp32|bf16] [--threads N] [--replicas N] [--concurrency 1 8 32]
+        [--max-batch-size 16] [--batch-wait-timeout-s 0.01]
 
-For each model (random weights) and batching on/off, one replica with every core serves
-``POST /classify`` on 127.0.0.1; a load generator keeps 1, 8 and 32 requests in flight
-(persistent connections, corpus messages) for at most ``--requests`` requests or
+For each model (random weights) and batching on/off, the replicas (by default one, with
+every core) serve ``POST /classify`` on 127.0.0.1; a load generator keeps 1, 8 and 32
+requests in flight (persistent connections, corpus messages) for at most ``--requests`` requests or
 ``--seconds`` seconds. Prints a Markdown table: requests/s, p50/p95/p99 latency, errors,
 and the batched/unbatched throughput ratio at each concurrency.
 """
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the replica"
     )
+    parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
@@ -117,6 +120,7 @@ def main() -> None:
             app = {
                 "model": str(checkpoint),
                 "threads": threads,
+                "replicas": args.replicas,
                 "precision": args.precision,
                 "max_batch_size": args.max_batch_size if batching else 1,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s if batching else 0.0,
