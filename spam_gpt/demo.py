@@ -8,12 +8,10 @@ two examples over HTTP → say where everything is. Everything lands in ``demo-o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,25 +47,16 @@ def pretrained_weights_here() -> str | None:
     return str(ours) if is_weights_folder(ours) else None
 
 
-def classify_over_http(url: str, text: str) -> dict:
-    request = urllib.request.Request(
-        f"{url}/classify",
-        data=json.dumps({"text": text}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
 def run_demo(out: Path, port: int) -> None:
     from ray import serve
 
     from spam_gpt.config import resolve_config
     from spam_gpt.corpus import build_splits, bundled_corpus_bytes, parse_collection, write_splits
     from spam_gpt.distributed import new_job, run_job
+    from spam_gpt.model_ref import pin_model_ref
     from spam_gpt.ray_cluster import connect
     from spam_gpt.scoring import run_scoring
-    from spam_gpt.server import deploy
+    from spam_gpt.server import classify_over_http, deploy
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -105,10 +94,7 @@ def run_demo(out: Path, port: int) -> None:
         data=None,
     )
     metrics = run_job(job, splits, address=None)
-    from spam_gpt.model_ref import model_version_of
-
-    _, version = model_version_of("models:/spam-gpt/latest", tracking_uri)
-    model_ref = f"models:/spam-gpt/{version}"
+    model_ref = pin_model_ref("models:/spam-gpt/latest", tracking_uri)
     print(
         f"Test accuracy {metrics['test_accuracy']:.2%}, spam precision "
         f"{metrics['spam_precision']:.2%}, recall {metrics['spam_recall']:.2%}; "

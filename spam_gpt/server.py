@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import urllib.request
@@ -21,6 +22,17 @@ def wait_until_healthy(url: str, timeout: float = 300) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url}/healthz did not answer within {timeout:.0f} s")
+
+
+def classify_over_http(url: str, text: str, timeout: float = 60) -> dict:
+    """What the running endpoint at ``url`` answers for ``text``."""
+    request = urllib.request.Request(
+        f"{url}/classify",
+        data=json.dumps({"text": text}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
 
 
 def deploy(

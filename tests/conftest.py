@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,7 +69,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+def wait_for_http(
+    url: str,
+    timeout: float,
+    process: subprocess.Popen | None = None,
+    any_status: bool = False,
+) -> None:
+    """Until ``url`` answers 200 (or, with ``any_status``, answers at all: a server that
+    wants a token says 401)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -77,6 +85,10 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = N
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+            time.sleep(0.5)
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")

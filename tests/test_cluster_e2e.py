@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+
+from spam_gpt.server import classify_over_http
 
 from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port, wait_for_http
 
@@ -50,24 +48,10 @@ def ray_head():
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_answer(f"{url}/api/version", timeout=120)
+        wait_for_http(f"{url}/api/version", timeout=120, any_status=True)
         yield url, env
     finally:
         subprocess.run([str(BIN / "ray"), "stop"], env=env, timeout=180, capture_output=True)
-
-
-def wait_for_answer(url: str, timeout: float) -> None:
-    """Until the server answers at all (401 included: it wants the token)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def submit(ray_head, script: str, *args: str) -> str:
@@ -152,12 +136,6 @@ def test_train_score_serve_as_submitted_jobs(ray_head, tmp_path):
     endpoint = f"http://127.0.0.1:{port}"
     wait_for_http(f"{endpoint}/healthz", timeout=120)
     for text, label in ((CHAPTER_SPAM, "spam"), (CHAPTER_HAM, "not spam")):
-        request = urllib.request.Request(
-            f"{endpoint}/classify",
-            data=json.dumps({"text": text}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
+        answer = classify_over_http(endpoint, text)
         assert answer["label"] == label
         assert answer["model"] == {"name": "spam-gpt", "version": "1"}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+
+from spam_gpt.server import classify_over_http
 
 from .conftest import CHAPTER_SPAM, free_port, wait_for_http
 
@@ -36,13 +37,7 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
         while "Press Ctrl-C" not in (tmp_path / "serve.log").read_text():
             assert time.monotonic() < deadline, "serve never said it was ready"
             time.sleep(0.2)
-        request = urllib.request.Request(
-            f"{url}/classify",
-            data=json.dumps({"text": CHAPTER_SPAM}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert json.loads(response.read())["label"] == "spam"
+        assert classify_over_http(url, CHAPTER_SPAM, timeout=30)["label"] == "spam"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0
     finally:
