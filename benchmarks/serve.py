@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--models tiny gpt2-small] [--requests 2000 400] [--seconds 30]
         [--precision fp32|bf16] [--threads N] [--replicas N] [--concurrency 1 8 32]
-        [--max-batch-size 16] [--batch-wait-timeout-s 0.01]
+        [--max-batch-size 32] [--batch-wait-timeout-s 0.01] [--high-throughput]
 
 For each model (random weights) and batching on/off, the replicas (by default one, with
 every core) serve ``POST /classify`` on 127.0.0.1; a load generator keeps 1, 8 and 32
@@ -25,11 +25,12 @@ import threading
 import time
 from pathlib import Path
 
+import ray
 import torch
 from score import random_checkpoint
 
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
-from spam_gpt.server import deploy
+from spam_gpt.server import deploy, use_high_throughput_ingress
 
 CONCURRENCY = (1, 8, 32)
 
@@ -97,15 +98,19 @@ def main() -> None:
     )
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    parser.add_argument(
+        "--high-throughput", action="store_true", help="Serve's HAProxy ingress, as in serve"
+    )
     args = parser.parse_args()
     threads = args.threads
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
     work = Path(tempfile.mkdtemp(prefix="spam-gpt-serve-bench-"))
     print(
         f"{platform.machine()}, {threads} CPUs, torch {torch.__version__}, precision "
-        f"{args.precision}, at most {args.seconds:.0f} s per cell"
+        f"{args.precision}, {'HAProxy' if args.high_throughput else 'default'} ingress, "
+        f"at most {args.seconds:.0f} s per cell"
     )
     print(
         "| model | batching | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors |"
@@ -125,6 +130,8 @@ def main() -> None:
                 "max_batch_size": args.max_batch_size if batching else 1,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s if batching else 0.0,
             }
+            if args.high_throughput:
+                use_high_throughput_ingress(address=None)
             deploy(app, "127.0.0.1", port, address=None)
             load(port, texts, 4, 20, 10)  # warm-up
             for concurrency in args.concurrency:
@@ -136,9 +143,7 @@ def main() -> None:
                     f"{cell['p95']:.0f} | {cell['p99']:.0f} | {cell['errors']} |",
                     flush=True,
                 )
-            from ray import serve
-
-            serve.shutdown()
+            ray.shutdown()
         ratios.append((name, [rps[True, c] / rps[False, c] for c in args.concurrency]))
     levels = ", ".join(str(c) for c in args.concurrency)
     print(f"\n| model | batched / unbatched req/s at concurrency {levels} |\n|---|---|")

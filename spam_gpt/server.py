@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -10,6 +11,31 @@ import urllib.request
 from spam_gpt.ray_cluster import connect
 
 APP_NAME = "spam-gpt"
+
+# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy, a C load balancer bundled with
+# ray[serve] on Linux, takes the port in place of Serve's Python proxy, and the replicas
+# answer HTTP themselves. Every Ray process reads these when it starts.
+HIGH_THROUGHPUT_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # How long a stopping replica keeps answering so a remote load balancer can drain it;
+    # one machine needs little, and Ctrl-C should not take the default 30 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
+def use_high_throughput_ingress(address: str | None) -> None:
+    """Set Serve's high-throughput variables for the local Ray this process is about to
+    start; a running cluster must have been started with them."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        settings = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items())
+        raise ValueError(
+            "--high-throughput applies to the local Ray this command starts; for a running "
+            f"cluster, start its nodes with {settings} and leave the option out"
+        )
+    os.environ.update(HIGH_THROUGHPUT_ENV)
 
 
 def wait_until_healthy(url: str, timeout: float = 300) -> None:

@@ -139,3 +139,14 @@ def local_ray():
     ray.init(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def haproxy_running() -> bool:
+    """Whether an HAProxy process (Serve's high-throughput ingress) runs on this machine."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "haproxy":
+                return True
+        except OSError:  # the process ended while we looked
+            pass
+    return False

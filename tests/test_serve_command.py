@@ -8,12 +8,16 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
+from spam_gpt.cli import main
 from spam_gpt.server import classify_over_http
 
-from .conftest import CHAPTER_SPAM, free_port, wait_for_http
+from .conftest import CHAPTER_SPAM, free_port, haproxy_running, wait_for_http
 
 
-def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--high-throughput"]], ids=["serve-proxy", "haproxy"])
+def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, options):
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
@@ -26,6 +30,7 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
             str(tiny_run / "model"),
             "--port",
             str(port),
+            *options,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -38,6 +43,7 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
             assert time.monotonic() < deadline, "serve never said it was ready"
             time.sleep(0.2)
         assert classify_over_http(url, CHAPTER_SPAM, timeout=30)["label"] == "spam"
+        assert haproxy_running() == bool(options)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0
     finally:
@@ -50,3 +56,12 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path):
         raise AssertionError("the endpoint still answers after Ctrl-C")
     except OSError:
         pass
+    assert not haproxy_running()
+
+
+def test_high_throughput_on_a_running_cluster_says_where_to_set_it(tiny_run, capsys):
+    argv = ["serve", "--model", str(tiny_run / "model"), "--high-throughput"]
+    assert main([*argv, "--address", "10.0.0.1:6379"]) == 2
+    error = capsys.readouterr().err
+    assert "start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1" in error
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in error

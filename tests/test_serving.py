@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import pytest
 
-from spam_gpt.server import deploy
+from spam_gpt.server import deploy, use_high_throughput_ingress
 from spam_gpt.serving import MAX_TEXTS
 
-from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port
+from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port, haproxy_running
 
 
-@pytest.fixture(scope="module")
-def service(local_ray, tiny_run):
+@pytest.fixture(scope="module", params=[False, True], ids=["serve-proxy", "haproxy"])
+def service(request, tiny_run):
+    """The endpoint behind Serve's own proxy, then behind HAProxy (``--high-throughput``),
+    each on a local Ray of its own: every test below runs against both."""
+    import ray
     from ray import serve
 
     args = {"model": str(tiny_run / "model"), "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
-    url = deploy(args, "127.0.0.1", free_port(), address=None)
-    yield url
-    serve.shutdown()
+    with mock.patch.dict(os.environ):  # the high-throughput variables leave with this Ray
+        if request.param:
+            use_high_throughput_ingress(address=None)
+        url = deploy(args, "127.0.0.1", free_port(), address=None)
+        yield url
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_the_ingress_is_the_one_asked_for(service, request):
+    assert haproxy_running() == request.node.callspec.params["service"]
 
 
 def call(url: str, path: str, body: bytes | None = None, headers: dict | None = None):
