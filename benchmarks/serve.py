@@ -8,7 +8,8 @@ For each model (random weights) and batching on/off, the replicas (by default on
 every core) serve ``POST /classify`` on 127.0.0.1; a load generator keeps 1, 8 and 32
 requests in flight (persistent connections, corpus messages) for at most ``--requests`` requests or
 ``--seconds`` seconds. Prints a Markdown table: requests/s, p50/p95/p99 latency, errors,
-and the batched/unbatched throughput ratio at each concurrency.
+and the batched/unbatched throughput ratio at each concurrency, beside the same ratio
+measured in-process without HTTP (what batching can gain for the model on this machine).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from score import random_checkpoint
 
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+from spam_gpt.predictor import Predictor
 from spam_gpt.server import deploy, use_high_throughput_ingress
 
 CONCURRENCY = (1, 8, 32)
@@ -87,6 +89,23 @@ def load(port: int, texts: list[str], concurrency: int, requests: int, seconds: 
     }
 
 
+def compute_ceiling(checkpoint: Path, texts: list[str], precision: str, batch: int) -> float:
+    """In-process ms per message one at a time over ms per message in batches of ``batch``,
+    with no HTTP at all: the most batching can gain on this machine for this model."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    predictor = Predictor.from_checkpoint(str(checkpoint), precision=precision)
+    sample = random.Random(0).choices(texts, k=4 * batch)
+    predictor.predict(sample[:batch])  # warm-up
+
+    def seconds_per_message(size: int) -> float:
+        started = time.perf_counter()
+        for at in range(0, len(sample), size):
+            predictor.predict(sample[at : at + size])
+        return (time.perf_counter() - started) / len(sample)
+
+    return seconds_per_message(1) / seconds_per_message(batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "gpt2-small"])
@@ -119,6 +138,7 @@ def main() -> None:
     ratios = []
     for name, requests in zip(args.models, args.requests):
         checkpoint = random_checkpoint(name, work)
+        ceiling = compute_ceiling(checkpoint, texts, args.precision, args.max_batch_size)
         rps = {}
         for batching in (True, False):
             port = 18000 + len(rps)
@@ -144,11 +164,14 @@ def main() -> None:
                     flush=True,
                 )
             ray.shutdown()
-        ratios.append((name, [rps[True, c] / rps[False, c] for c in args.concurrency]))
+        ratios.append((name, [rps[True, c] / rps[False, c] for c in args.concurrency], ceiling))
     levels = ", ".join(str(c) for c in args.concurrency)
-    print(f"\n| model | batched / unbatched req/s at concurrency {levels} |\n|---|---|")
-    for name, values in ratios:
-        print(f"| {name} | {', '.join(f'{v:.2f}x' for v in values)} |")
+    print(
+        f"\n| model | batched / unbatched req/s at concurrency {levels} | in-process, "
+        f"{args.max_batch_size} messages per pass / one |\n|---|---|---|"
+    )
+    for name, values, ceiling in ratios:
+        print(f"| {name} | {', '.join(f'{v:.2f}x' for v in values)} | {ceiling:.2f}x |")
 
 
 if __name__ == "__main__":
