@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from spam_gpt.cli import build_parser
+from spam_gpt.server import HIGH_THROUGHPUT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
@@ -89,7 +90,13 @@ def test_rayservice_deploys_the_real_application():
     module, _, attribute = app["import_path"].partition(":")
     build_app = getattr(importlib.import_module(module), attribute)
     build_app(app["args"])  # every key is one the builder takes
-    ray_cluster_spec_ok(service["spec"]["rayClusterConfig"])
+    cluster = service["spec"]["rayClusterConfig"]
+    ray_cluster_spec_ok(cluster)
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:  # Serve's HAProxy ingress on every node, as `serve --high-throughput`
+        env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0]["env"]}
+        for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+            assert env[name] == HIGH_THROUGHPUT_ENV[name]
 
 
 def test_mlflow_manifest_serves_the_uri_the_jobs_use():
