@@ -89,10 +89,13 @@ def load(port: int, texts: list[str], concurrency: int, requests: int, seconds: 
     }
 
 
-def compute_ceiling(checkpoint: Path, texts: list[str], precision: str, batch: int) -> float:
+def compute_ceiling(
+    checkpoint: Path, texts: list[str], precision: str, batch: int, threads: int
+) -> float:
     """In-process ms per message one at a time over ms per message in batches of ``batch``,
-    with no HTTP at all: the most batching can gain on this machine for this model."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    with no HTTP at all and the replica's torch threads: the most batching can gain on this
+    machine for this model."""
+    torch.set_num_threads(threads)
     predictor = Predictor.from_checkpoint(str(checkpoint), precision=precision)
     sample = random.Random(0).choices(texts, k=4 * batch)
     predictor.predict(sample[:batch])  # warm-up
@@ -138,7 +141,7 @@ def main() -> None:
     ratios = []
     for name, requests in zip(args.models, args.requests):
         checkpoint = random_checkpoint(name, work)
-        ceiling = compute_ceiling(checkpoint, texts, args.precision, args.max_batch_size)
+        ceiling = compute_ceiling(checkpoint, texts, args.precision, args.max_batch_size, threads)
         rps = {}
         for batching in (True, False):
             port = 18000 + len(rps)

@@ -22,6 +22,9 @@ from ray import serve
 MAX_BODY_BYTES = 1_000_000
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 100_000
+# Requests per forward pass and how long a batch waits to fill; each replica applies its own.
+MAX_BATCH_SIZE = 32
+BATCH_WAIT_TIMEOUT_S = 0.01
 
 
 class ClassifyRequest(BaseModel):
@@ -160,8 +163,8 @@ class SpamClassifierService:
         model: str,
         tracking_uri: str | None = None,
         precision: str = "fp32",
-        max_batch_size: int = 32,
-        batch_wait_timeout_s: float = 0.01,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
         threads: int = 1,
         device: str = "cpu",
     ):
@@ -182,7 +185,7 @@ class SpamClassifierService:
             for p in self.predictor.predict(texts)
         ]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def classify_many(self, texts: list[str]) -> list[ClassifyResponse]:
         """One forward pass for the requests that met here, run on the event loop on
         purpose: Serve forms the next batch whenever the loop is free, so a model running
