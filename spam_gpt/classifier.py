@@ -1,5 +1,5 @@
-"""Turning the GPT into a two-class classifier: the new head, which layers train, and
-which token's hidden state the label is read from."""
+"""Turning the GPT into a classifier: the new head (one output per label), which layers
+train, and which token's hidden state the label is read from."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from torch import nn
 from spam_gpt.model import GPTModel
 from spam_gpt.packing import PackedBatch
 
-LABEL_NAMES = ("not spam", "spam")
+LABEL_NAMES = ("not spam", "spam")  # the chapter's labels, 0 and 1
+SPAM_LABEL = "spam"
 TRAINABLE_CHOICES = ("last_layer", "last_block", "last_two_blocks", "all")
 TOKEN_CHOICES = ("last", "last_real", "first")
 
 
+def is_spam_model(labels) -> bool:
+    """Two labels, one of them ``spam`` (the chapter's, or ham/spam): such a model's
+    answers also carry the ``spam_probability`` they always had."""
+    return len(labels) == 2 and SPAM_LABEL in labels
+
+
 class SpamClassifier(nn.Module):
-    """A GPT whose ``out_head`` maps one token's hidden state to spam / not-spam logits.
+    """A GPT whose ``out_head`` maps one token's hidden state to one logit per label.
 
     ``token`` picks that position: ``last`` is the chapter's (the final position, padding
     included), ``last_real`` the last non-padding token (with a causal mask, exactly the

@@ -14,6 +14,7 @@ from spam_gpt.config import PRESETS, TrainConfig
 EXAMPLES = """examples:
   spam-gpt prepare --out data/
   spam-gpt train --preset tiny --output runs/tiny
+  spam-gpt train --preset tiny --data messages.parquet --label-column category --output runs/mine
   spam-gpt classify --model runs/tiny/model "You won a prize! Call now" "See you at 6?"
   spam-gpt evaluate --model runs/tiny/model
 """
@@ -65,18 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", choices=list(PRESETS), default="chapter", help="default: chapter"
     )
     train.add_argument("--output", help="folder for model/, metrics.json, plots (required)")
-    train.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
+    add_data_options(train)
     add_config_options(train)
     add_ray_train_options(train)
 
-    classify = commands.add_parser("classify", help="label messages as spam or not spam")
+    classify = commands.add_parser(
+        "classify",
+        help="label messages",
+        description="Print each message's label and that label's probability.",
+    )
     add_model_options(classify)
     classify.add_argument("texts", nargs="+", metavar="TEXT", help="messages to classify")
-    classify.add_argument("--json", action="store_true", help="print JSON lines")
+    classify.add_argument(
+        "--json", action="store_true", help="print JSON lines, with every label's probability"
+    )
 
-    evaluate = commands.add_parser("evaluate", help="accuracy and spam precision/recall of a model")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy and per-label precision/recall/F1 of a model",
+        description="Evaluate a model on the chapter's splits, or on your own labelled data "
+        "split exactly as `spam-gpt train` splits it with the same options.",
+    )
     add_model_options(evaluate)
-    evaluate.add_argument("--data", help="splits written by `spam-gpt prepare` (default: bundled)")
+    add_data_options(evaluate)
 
     score = commands.add_parser(
         "score",
@@ -230,17 +242,79 @@ def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "your own data (default: the chapter's SMS Spam Collection splits)"
+    )
+    group.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="labelled messages: Parquet files, folders (hive partitions), globs, s3://, gs://, "
+        "file:// or CSV/TSV; or the folder `spam-gpt prepare` writes (the chapter's splits)",
+    )
+    group.add_argument("--text-column", help="column with the messages (default: text, any case)")
+    group.add_argument("--label-column", help="column with the labels (default: label, any case)")
+    group.add_argument(
+        "--split-column", help="column whose values (train, validation, test) say each row's split"
+    )
+    group.add_argument(
+        "--validation-data", nargs="+", metavar="PATH", help="validation rows (with --test-data)"
+    )
+    group.add_argument(
+        "--test-data", nargs="+", metavar="PATH", help="test rows (with --validation-data)"
+    )
+    group.add_argument(
+        "--split",
+        metavar="TRAIN,VAL",
+        help="otherwise: a stratified split with these fractions, test the rest (default "
+        "0.7,0.1, the chapter's)",
+    )
+    group.add_argument(
+        "--split-seed", type=int, help="seed of that split (default 123); --seed does not move it"
+    )
+    group.add_argument(
+        "--labels",
+        type=lambda text: [label.strip() for label in text.split(",")],
+        metavar="A,B,...",
+        help="the labels in this order; rows with others are an error (default: the training "
+        "split's labels, sorted)",
+    )
+
+
+DATA_OPTIONS = (
+    "text_column",
+    "label_column",
+    "split_column",
+    "validation_data",
+    "test_data",
+    "split",
+    "split_seed",
+    "labels",
+)
+
+
+def data_spec_from_args(args: argparse.Namespace):
+    """The ``--data`` options as a :class:`~spam_gpt.labelled.DataSpec` (None: the
+    chapter's bundled splits)."""
+    from spam_gpt.labelled import DataSpec, parse_fractions
+
+    given = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name) is not None}
+    if not args.data:
+        if given:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ValueError(f"{options} describe(s) --data; give --data PATH too")
+        return None
+    if "split" in given:
+        given["split"] = parse_fractions(given["split"])
+    return DataSpec(paths=list(args.data), **given)
+
+
 def add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source", help="SMSSpamCollection file, UCI zip or URL (default: the bundled copy)"
     )
     parser.add_argument("--sha256", help="expected SHA-256 of the collection file")
-
-
-def load_splits(data_dir: str | None) -> dict:
-    from spam_gpt.corpus import build_splits, read_splits
-
-    return read_splits(data_dir) if data_dir else build_splits()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -257,12 +331,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError("--output is required")
     if args.resume or args.workers or args.address or args.gpu:
         return train_on_ray(args)
-    from spam_gpt.finetune import finetune, write_outputs
+    from spam_gpt.finetune import InMemoryData, finetune, write_outputs
+    from spam_gpt.labelled import labelled_inputs, load_in_process
 
-    result = finetune(config_from_args(args), load_splits(args.data))
+    cfg = config_from_args(args)
+    plan, frames = load_in_process(labelled_inputs(data_spec_from_args(args)))
+    report_data(plan)
+    result = finetune(cfg, InMemoryData(frames, plan.labels))
     outputs = write_outputs(result, args.output)
     print_summary(result.metrics)
     print(f"Model: {outputs['model']}\nMetrics and plots: {Path(args.output)}")
+
+
+def report_data(plan) -> None:
+    print(f"Data: {plan.describe()}")
+    skipped = plan.skipped_line()
+    if skipped:
+        print(skipped)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -277,33 +362,41 @@ def train_on_ray(args: argparse.Namespace) -> int:
 
     from ray.train import TrainingFailedError
 
-    from spam_gpt.distributed import find_job, new_job, run_job
+    from spam_gpt.distributed import find_job, new_job, prepare_data, run_job
+    from spam_gpt.ray_cluster import connect
     from spam_gpt.tracking import absolute_tracking_uri
 
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     if args.resume:
         job = find_job(args.resume, tracking_uri)
-        splits = load_splits(job.data)
+        spec, workers, cpus = job.data_spec(), job.workers, job.cpus_per_worker
     else:
+        cfg = config_from_args(args)
+        spec = data_spec_from_args(args)
         workers = args.workers or 1
-        splits = load_splits(args.data)
+        cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    # One CPU beyond the workers' for Ray Data, which reads and tokenizes as they train.
+    connect(args.address, num_cpus=workers * cpus + 1, runtime_env=args.runtime_env)
+    inputs, plan = prepare_data(spec)
+    report_data(plan)
+    if not args.resume:
         job = new_job(
-            config_from_args(args),
-            splits,
+            cfg,
+            plan,
             output=args.output,
             workers=workers,
-            cpus_per_worker=args.cpus_per_worker or max(1, (os.cpu_count() or 1) // workers),
+            cpus_per_worker=cpus,
             gpu=args.gpu,
             tracking_uri=tracking_uri,
             experiment=args.experiment,
             register_as=args.register_as or None,
             max_failures=args.max_failures,
             storage_path=args.storage_path,
-            data=args.data and str(Path(args.data).resolve()),
+            data=spec,
         )
     print(f"MLflow run {job.run_id} in experiment {job.experiment!r} at {job.tracking_uri}")
     try:
-        metrics = run_job(job, splits, args.address, args.runtime_env)
+        metrics = run_job(job, inputs, plan)
     except TrainingFailedError as error:
         print(
             f"spam-gpt train: training failed ({type(error).__name__}); continue it with "
@@ -323,10 +416,22 @@ def print_summary(metrics: dict) -> None:
     print(
         f"Training accuracy: {metrics['train_accuracy'] * 100:.2f}%\n"
         f"Validation accuracy: {metrics['validation_accuracy'] * 100:.2f}%\n"
-        f"Test accuracy: {metrics['test_accuracy'] * 100:.2f}%\n"
-        f"Spam precision {metrics['spam_precision'] * 100:.2f}%, "
-        f"recall {metrics['spam_recall'] * 100:.2f}%, F1 {metrics['spam_f1'] * 100:.2f}%"
+        f"Test accuracy: {metrics['test_accuracy'] * 100:.2f}%"
     )
+    if "spam_precision" in metrics:
+        print(
+            f"Spam precision {metrics['spam_precision'] * 100:.2f}%, "
+            f"recall {metrics['spam_recall'] * 100:.2f}%, F1 {metrics['spam_f1'] * 100:.2f}%"
+        )
+    per_class = metrics["per_class"]
+    width = max(len("label"), *(len(label) for label in per_class))
+    print(f"{'label':<{width}}  precision  recall      F1  support (test)")
+    for label, scores in per_class.items():
+        print(
+            f"{label:<{width}}  {scores['precision']:>9.2%}  {scores['recall']:>6.2%}  "
+            f"{scores['f1']:>6.2%}  {scores['support']:>7,}"
+        )
+    print(f"Macro F1: {metrics['macro_f1'] * 100:.2f}%")
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -335,18 +440,26 @@ def cmd_classify(args: argparse.Namespace) -> None:
     predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
     for text, prediction in zip(args.texts, predictor.predict(args.texts)):
         if args.json:
-            print(json.dumps({"text": text, **prediction._asdict()}))
+            record = {"text": text, **prediction._asdict()}
+            if prediction.spam_probability is not None:
+                record["spam_probability"] = prediction.spam_probability
+            print(json.dumps(record))
         else:
-            print(f"{prediction.label}\t{prediction.spam_probability:.4f}")
+            print(f"{prediction.label}\t{prediction.probability:.4f}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from spam_gpt.evaluation import evaluate_predictor
+    from spam_gpt.labelled import labelled_inputs, load_in_process
     from spam_gpt.model_ref import load_predictor
 
     predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
-    metrics = evaluate_predictor(predictor, load_splits(args.data))
-    print_summary(metrics)
+    inputs = labelled_inputs(data_spec_from_args(args))._replace(
+        fixed_labels=list(predictor.meta.labels)
+    )
+    plan, frames = load_in_process(inputs, labels_origin="the model's labels")
+    report_data(plan)
+    print_summary(evaluate_predictor(predictor, frames))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

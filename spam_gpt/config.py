@@ -43,6 +43,9 @@ class TrainConfig:
         default=8, metadata={"help": "global batch size, split evenly among workers"}
     )
     epochs: int = 5
+    max_steps: int = field(
+        default=0, metadata={"help": "stop after N optimizer steps (0: run every epoch)"}
+    )
     lr: float = 5e-5
     weight_decay: float = 0.1
     eval_freq: int = field(default=50, metadata={"help": "evaluate losses every N steps"})
@@ -67,8 +70,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.max_length < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("max_length and weight_decay must be >= 0 and lr > 0")
+        if self.max_length < 0 or self.max_steps < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("max_length, max_steps and weight_decay must be >= 0 and lr > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -35,6 +35,15 @@ class SpamDataset(Dataset):
         self.max_length = max_length or self._longest_encoded_length()
         self.encoded_texts = [ids[: self.max_length] for ids in self.encoded_texts]
 
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict], max_length: int) -> SpamDataset:
+        """Rows already tokenized (``input_ids`` and a ``label`` index), truncated."""
+        dataset = cls.__new__(cls)
+        dataset.labels = [int(row["label"]) for row in rows]
+        dataset.encoded_texts = [[int(i) for i in row["input_ids"]][:max_length] for row in rows]
+        dataset.max_length = max_length
+        return dataset
+
     def _longest_encoded_length(self) -> int:
         return max(len(ids) for ids in self.encoded_texts)
 

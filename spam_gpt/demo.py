@@ -52,7 +52,7 @@ def run_demo(out: Path, port: int) -> None:
 
     from spam_gpt.config import resolve_config
     from spam_gpt.corpus import build_splits, bundled_corpus_bytes, parse_collection, write_splits
-    from spam_gpt.distributed import new_job, run_job
+    from spam_gpt.distributed import new_job, prepare_data, run_job
     from spam_gpt.model_ref import pin_model_ref
     from spam_gpt.ray_cluster import connect
     from spam_gpt.scoring import run_scoring
@@ -79,9 +79,10 @@ def run_demo(out: Path, port: int) -> None:
         )
     connect(num_cpus=max(os.cpu_count() or 1, 3))
     stage(2, f"train: `{cfg.preset}` on 2 Ray Train workers, tracked in MLflow ({tracking_uri})")
+    inputs, plan = prepare_data(None)
     job = new_job(
         cfg,
-        splits,
+        plan,
         output=str(out / "train"),
         workers=2,
         cpus_per_worker=1,
@@ -93,7 +94,7 @@ def run_demo(out: Path, port: int) -> None:
         storage_path=None,
         data=None,
     )
-    metrics = run_job(job, splits, address=None)
+    metrics = run_job(job, inputs, plan)
     model_ref = pin_model_ref("models:/spam-gpt/latest", tracking_uri)
     print(
         f"Test accuracy {metrics['test_accuracy']:.2%}, spam precision "

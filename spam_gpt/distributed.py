@@ -1,10 +1,11 @@
 """Fine-tuning as a Ray Train job: the per-worker function, the scaling and run configs,
 and the driver that opens the MLflow run, starts the trainer and collects the outputs.
 
-Every worker runs the same :func:`spam_gpt.finetune.finetune`, taking its share of each
-global batch; gradients meet in DistributedDataParallel (gloo on CPU, NCCL on GPU) and
-losses and accuracies are summed over all workers before anyone reports them. Rank 0
-checkpoints every epoch and is the only worker that writes to MLflow.
+Every worker runs the same :func:`spam_gpt.finetune.finetune` on its shard of the data,
+streamed through Ray Data (:mod:`spam_gpt.ingest`); gradients meet in
+DistributedDataParallel (gloo on CPU, NCCL on GPU) and losses and accuracies are summed
+over all workers before anyone reports them. Rank 0 checkpoints every epoch and is the
+only worker that writes to MLflow.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import ray
 import ray.train
 import ray.train.torch
@@ -28,9 +28,10 @@ from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, Scali
 from ray.train.torch import TorchTrainer
 
 from spam_gpt.config import TrainConfig
-from spam_gpt.corpus import splits_checksum
+from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.finetune import Workers, finetune, write_outputs
-from spam_gpt.ray_cluster import connect
+from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, training_datasets
+from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
 from spam_gpt.tracking import RunLogger, git_commit, job_of_run, open_run
 from spam_gpt.training import say
 from spam_gpt.training_state import TrainingState, load_training_state, save_training_state
@@ -54,8 +55,11 @@ class TrainJob:
     storage_path: str = ""
     ray_name: str = ""
     run_id: str = ""
-    data: str | None = None
+    data: dict | None = None  # DataSpec fields; None: the chapter's bundled splits
     params: dict = field(default_factory=dict)
+
+    def data_spec(self) -> DataSpec | None:
+        return None if self.data is None else DataSpec(**self.data)
 
     def save(self) -> None:
         Path(self.output).mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def report_epoch(history, classifier, optimizer, rank: int) -> None:
 def train_worker(loop_config: dict) -> None:
     """The training function each Ray Train worker runs."""
     job = TrainJob(**loop_config["job"])
-    splits: dict[str, pd.DataFrame] = loop_config["splits"]
+    data = StreamedData(**loop_config["data"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.cpus_per_worker)
@@ -127,7 +131,7 @@ def train_worker(loop_config: dict) -> None:
     )
     result = finetune(
         TrainConfig(**job.config),
-        splits,
+        data,
         workers,
         resume=resume,
         on_eval=logger.log_history if logger else None,
@@ -148,7 +152,7 @@ def train_worker(loop_config: dict) -> None:
 
 def new_job(
     cfg: TrainConfig,
-    splits: dict[str, pd.DataFrame],
+    plan: SplitPlan,
     *,
     output: str,
     workers: int,
@@ -159,7 +163,7 @@ def new_job(
     register_as: str | None,
     max_failures: int,
     storage_path: str | None,
-    data: str | None,
+    data: DataSpec | None,
 ) -> TrainJob:
     """Describe a fresh job and open its MLflow run."""
     output = str(Path(output).resolve())
@@ -175,14 +179,14 @@ def new_job(
         max_failures=max_failures,
         storage_path=storage_path or str(Path(output) / "ray"),
         ray_name=f"spam-gpt-{time.strftime('%Y%m%d-%H%M%S')}",
-        data=data,
+        data=None if data is None else asdict(data),
     )
     job.params = {
         **job.config,
         "workers": workers,
         "cpus_per_worker": cpus_per_worker,
         "gpu": gpu,
-        "dataset_checksum": splits_checksum(splits),
+        **data_params(data, plan),
         "git_commit": git_commit(),
     }
     client = MlflowClient(tracking_uri)
@@ -190,6 +194,24 @@ def new_job(
     job.run_id = open_run(client, experiment, job.ray_name, job_tag, job.params)
     job.save()
     return job
+
+
+def data_params(spec: DataSpec | None, plan: SplitPlan) -> dict:
+    """What the run trained on, as MLflow parameters."""
+    params = {
+        "data": "the chapter's splits" if spec is None else " ".join(spec.paths),
+        "labels": ",".join(plan.labels),
+        "dataset_checksum": plan.checksum,
+        "skipped_rows": plan.skipped,
+        **{f"{split}_rows": plan.split_rows(split) for split in SPLIT_NAMES},
+    }
+    if spec is not None:
+        params |= {
+            key: value
+            for key, value in asdict(spec).items()
+            if key != "paths" and value is not None
+        }
+    return params
 
 
 def find_job(reference: str, tracking_uri: str) -> TrainJob:
@@ -213,19 +235,17 @@ def find_job(reference: str, tracking_uri: str) -> TrainJob:
     return TrainJob(**{**fields, "run_id": reference})
 
 
-def run_job(
-    job: TrainJob,
-    splits: dict[str, pd.DataFrame],
-    address: str | None,
-    runtime_env: dict | None = None,
-) -> dict:
-    """Run (or continue) ``job`` on Ray; copy its outputs to ``job.output``."""
-    connect(address, num_cpus=job.workers * job.cpus_per_worker, runtime_env=runtime_env)
+def run_job(job: TrainJob, inputs: LabelledInputs, plan: SplitPlan) -> dict:
+    """Run (or continue) ``job`` on the connected Ray; copy its outputs to ``job.output``."""
     client = MlflowClient(job.tracking_uri)
     client.update_run(job.run_id, status="RUNNING")
+    cfg = TrainConfig(**job.config)
+    data = StreamedData(plan.labels, plan.longest, plan.split_rows("train"))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": asdict(job), "splits": splits},
+        train_loop_config={"job": asdict(job), "data": asdict(data)},
+        datasets=training_datasets(inputs, plan, cfg),
+        dataset_config=StreamSplitConfig(),
         scaling_config=ScalingConfig(
             num_workers=job.workers,
             use_gpu=job.gpu,
@@ -248,6 +268,12 @@ def run_job(
         shutil.copytree(folder, job.output, dirs_exist_ok=True)
     client.set_terminated(job.run_id, status="FINISHED")
     return json.loads((Path(job.output) / "metrics.json").read_text())
+
+
+def prepare_data(spec: DataSpec | None) -> tuple[LabelledInputs, SplitPlan]:
+    """Find the inputs and scan them on the connected Ray (one task per file)."""
+    inputs = labelled_inputs(spec)
+    return inputs, plan_on_ray(inputs)
 
 
 def forwarded_env() -> dict[str, str]:

@@ -11,30 +11,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import pandas as pd
 import torch
 from torch import nn
 
 from spam_gpt.checkpoint import ClassifierMeta, save_classifier
-from spam_gpt.classifier import SpamClassifier, count_parameters, set_trainable_layers
+from spam_gpt.classifier import (
+    LABEL_NAMES,
+    SpamClassifier,
+    count_parameters,
+    set_trainable_layers,
+)
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
-from spam_gpt.dataset import SpamDataset, create_loader
+from spam_gpt.corpus import SPLIT_NAMES
+from spam_gpt.dataset import Batch, SpamDataset, create_loader
 from spam_gpt.model import GPTModel, init_gpt2_weights, model_config
 from spam_gpt.plots import plot_confusion_matrix, plot_history
+from spam_gpt.tokenizer import encode_text
 from spam_gpt.training import (
     EvalHook,
     Reduce,
     TrainingHistory,
     accuracy_of,
-    calc_accuracy_loader,
     confusion_matrix_loader,
+    final_scores,
     local_only,
     say,
-    spam_scores,
     train_classifier_simple,
 )
 from spam_gpt.training_state import TrainingState
@@ -50,6 +57,54 @@ class Workers:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reduce: Reduce = local_only
     wrap: Callable[[nn.Module], nn.Module] = lambda module: module
+
+
+class Loaders(NamedTuple):
+    """What one process reads: an epoch's training batches, the batches the loss and
+    accuracy estimates read, and every split in full for the final metrics."""
+
+    train: Iterable[Batch]
+    train_probe: Iterable[Batch]
+    validation_probe: Iterable[Batch]
+    final: dict[str, Iterable[Batch]]
+
+
+class TrainingData(Protocol):
+    """Labelled messages as training reads them: in memory, or streamed on Ray."""
+
+    labels: list[str]
+
+    def longest(self) -> int:
+        """Tokens of the longest training message."""
+
+    def loaders(self, cfg: TrainConfig, max_length: int, workers: Workers) -> Loaders: ...
+
+
+@dataclass
+class InMemoryData:
+    """Splits held as frames of ``Text`` and ``Label`` (an index into ``labels``): the
+    chapter's, or a laptop's own messages. Loaders are the chapter's, so on the
+    chapter's splits every batch, loss and accuracy is the chapter's."""
+
+    splits: dict[str, pd.DataFrame]
+    labels: list[str] = field(default_factory=lambda: list(LABEL_NAMES))
+
+    def longest(self) -> int:
+        return max(len(encode_text(text)) for text in self.splits["train"]["Text"])
+
+    def loaders(self, cfg: TrainConfig, max_length: int, workers: Workers) -> Loaders:
+        loaders = {
+            name: create_loader(
+                SpamDataset(self.splits[name], max_length=max_length),
+                cfg.batch_size,
+                train=name == "train",
+                padding=cfg.padding,
+                rank=workers.rank,
+                world_size=workers.world_size,
+            )
+            for name in SPLIT_NAMES
+        }
+        return Loaders(loaders["train"], loaders["train"], loaders["validation"], loaders)
 
 
 @dataclass
@@ -72,19 +127,24 @@ def build_gpt(cfg: TrainConfig) -> tuple[GPTModel, str]:
     return gpt, str(folder)
 
 
-def build_datasets(cfg: TrainConfig, splits: dict[str, pd.DataFrame]) -> dict[str, SpamDataset]:
-    """Validation and test are truncated to the training set's ``max_length``."""
-    train = SpamDataset(splits["train"], max_length=cfg.max_length or None)
-    return {
-        "train": train,
-        "validation": SpamDataset(splits["validation"], max_length=train.max_length),
-        "test": SpamDataset(splits["test"], max_length=train.max_length),
-    }
+def choose_max_length(cfg: TrainConfig, longest: int, context: int, verbose: bool) -> int:
+    """``--max-length``, else the longest training message (the chapter's), cut to the
+    model's context."""
+    if cfg.max_length > context:
+        raise ValueError(
+            f"max_length {cfg.max_length} exceeds the model's context of {context} tokens; "
+            "lower --max-length"
+        )
+    if cfg.max_length:
+        return cfg.max_length
+    if longest > context and verbose:
+        say(f"The longest training message has {longest} tokens; truncating to {context}")
+    return min(longest, context)
 
 
 def finetune(
     cfg: TrainConfig,
-    splits: dict[str, pd.DataFrame],
+    data: TrainingData | dict[str, pd.DataFrame],
     workers: Workers | None = None,
     *,
     resume: TrainingState | None = None,
@@ -94,29 +154,18 @@ def finetune(
     verbose: bool = True,
     progress: bool = True,
 ) -> FinetuneResult:
-    """Train per ``cfg`` and measure full-set accuracies and test-set spam scores."""
+    """Train per ``cfg`` and measure full-set accuracies and test-set per-class scores.
+    ``data`` may be the chapter's split frames themselves."""
     workers = workers or Workers()
+    if isinstance(data, dict):
+        data = InMemoryData(data)
+    labels = list(data.labels)
     torch.manual_seed(cfg.seed)
-    datasets = build_datasets(cfg, splits)
-    loaders = {
-        name: create_loader(
-            dataset,
-            cfg.batch_size,
-            train=name == "train",
-            padding=cfg.padding,
-            rank=workers.rank,
-            world_size=workers.world_size,
-        )
-        for name, dataset in datasets.items()
-    }
     gpt, weights_source = build_gpt(cfg)
-    if datasets["train"].max_length > gpt.cfg.context_length:
-        raise ValueError(
-            f"max_length {datasets['train'].max_length} exceeds the model's context of "
-            f"{gpt.cfg.context_length} tokens; lower --max-length"
-        )
+    max_length = choose_max_length(cfg, data.longest(), gpt.cfg.context_length, verbose)
+    loaders = data.loaders(cfg, max_length, workers)
     torch.manual_seed(cfg.seed)
-    classifier = SpamClassifier(gpt, token=cfg.token)
+    classifier = SpamClassifier(gpt, token=cfg.token, num_classes=len(labels))
     set_trainable_layers(classifier, cfg.trainable)
     classifier.to(workers.device)
     model = workers.wrap(classifier)
@@ -132,18 +181,21 @@ def finetune(
         say(
             f"Model: {weights_source}, {count_parameters(classifier):,} parameters, "
             f"{count_parameters(classifier, trainable_only=True):,} trainable ({cfg.trainable}); "
-            f"{workers.world_size} worker(s), global batch {cfg.batch_size}",
+            f"{len(labels)} labels; {workers.world_size} worker(s), global batch {cfg.batch_size}",
         )
     started = time.perf_counter()
     history = train_classifier_simple(
         model,
-        loaders["train"],
-        loaders["validation"],
+        loaders.train,
+        loaders.validation_probe,
         optimizer,
         workers.device,
         cfg.epochs,
         cfg.eval_freq,
         cfg.eval_iter,
+        train_probe=loaders.train_probe,
+        max_steps=cfg.max_steps or None,
+        num_classes=len(labels),
         history=history,
         reduce=workers.reduce,
         on_eval=on_eval,
@@ -152,27 +204,26 @@ def finetune(
         on_epoch_end=(lambda h: on_epoch_end(h, classifier, optimizer)) if on_epoch_end else None,
     )
     training_seconds = time.perf_counter() - started
-    accuracies = {
-        f"{name}_accuracy": calc_accuracy_loader(
-            loaders[name], model, workers.device, reduce=workers.reduce
+
+    def confusion_of(split: str) -> torch.Tensor:
+        return confusion_matrix_loader(
+            loaders.final[split], model, workers.device, None, workers.reduce, len(labels)
         )
-        for name in ("train", "validation")
-    }
-    confusion = confusion_matrix_loader(
-        loaders["test"], model, workers.device, reduce=workers.reduce
-    )
+
+    confusion = confusion_of("test")
     metrics = {
-        **accuracies,
+        "train_accuracy": accuracy_of(confusion_of("train")),
+        "validation_accuracy": accuracy_of(confusion_of("validation")),
         "test_accuracy": accuracy_of(confusion),
-        **spam_scores(confusion),
-        "confusion_matrix": confusion.int().tolist(),
+        **final_scores(confusion, labels),
         "training_seconds": training_seconds,
     }
     meta = ClassifierMeta(
         model_config=gpt.cfg.to_dict(),
         token=cfg.token,
         padding=cfg.padding,
-        max_length=datasets["train"].max_length,
+        max_length=max_length,
+        labels=labels,
         train_config={**cfg.to_dict(), "weights_source": weights_source},
         metrics={k: metrics[k] for k in ("train_accuracy", "validation_accuracy", "test_accuracy")},
     )
@@ -195,5 +246,7 @@ def write_outputs(result: FinetuneResult, output_dir: str | Path) -> dict[str, P
         "config": result.meta.train_config,
     }
     metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
-    plots = plot_history(result.history, out) + plot_confusion_matrix(result.test_confusion, out)
+    plots = plot_history(result.history, out) + plot_confusion_matrix(
+        result.test_confusion, result.meta.labels, out
+    )
     return {"model": model_dir, "metrics": metrics_path, **{p.name: p for p in plots}}

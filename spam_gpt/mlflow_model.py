@@ -1,7 +1,9 @@
 """The MLflow pyfunc model, logged as "model from code": MLflow records this file rather
 than pickling an object, so loading the model runs this code and unpickles nothing.
 
-Input: a DataFrame with a ``text`` column. Output: ``label`` and ``spam_probability``.
+Input: a DataFrame with a ``text`` column. Output: ``label``, its ``probability``, every
+label's probability in ``probabilities`` (a mapping), and for a spam/not-spam model the
+``spam_probability`` it always had.
 """
 
 from __future__ import annotations
@@ -26,8 +28,19 @@ class SpamGptModel(PythonModel):
         bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text]
         if bad:
             raise ValueError(f"rows {bad[:10]} have no text to classify (null or empty)")
+        from spam_gpt.classifier import is_spam_model
+
         predictions = self.predictor.predict(list(texts))
-        return pd.DataFrame(predictions, columns=["label", "spam_probability"])
+        frame = pd.DataFrame(
+            {
+                "label": [p.label for p in predictions],
+                "probability": [p.probability for p in predictions],
+                "probabilities": [p.probabilities for p in predictions],
+            }
+        )
+        if is_spam_model(self.predictor.meta.labels):
+            frame["spam_probability"] = [p.spam_probability for p in predictions]
+        return frame
 
 
 mlflow.models.set_model(SpamGptModel())

@@ -3,6 +3,7 @@ confusion-matrix plot, each written as PDF and PNG."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +12,6 @@ matplotlib.use("Agg")  # files only: training runs on headless workers
 import matplotlib.pyplot as plt
 import torch
 
-from spam_gpt.classifier import LABEL_NAMES
 from spam_gpt.training import TrainingHistory
 
 
@@ -61,18 +61,25 @@ def plot_history(history: TrainingHistory, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def plot_confusion_matrix(confusion: torch.Tensor, out_dir: str | Path) -> list[Path]:
-    """Test-set counts, true label by row, so a reader sees what the filter gets wrong."""
-    fig, ax = plt.subplots(figsize=(4, 3.5))
+def plot_confusion_matrix(
+    confusion: torch.Tensor, labels: Sequence[str], out_dir: str | Path
+) -> list[Path]:
+    """Test-set counts, true label by row, so a reader sees what the model confuses."""
+    size = len(labels)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * size, 2 + 0.8 * size))
     ax.imshow(confusion.numpy(), cmap="Blues")
-    ax.set_xticks([0, 1], labels=LABEL_NAMES)
-    ax.set_yticks([0, 1], labels=LABEL_NAMES)
+    ax.set_xticks(range(size), labels=labels)
+    if size > 3:
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    ax.set_yticks(range(size), labels=labels)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     peak = confusion.max().item()
-    for (row, col), count in zip([(0, 0), (0, 1), (1, 0), (1, 1)], confusion.flatten().tolist()):
-        color = "white" if count > peak / 2 else "black"
-        ax.text(col, row, f"{int(count)}", ha="center", va="center", color=color, fontsize=14)
+    for row in range(size):
+        for col in range(size):
+            count = confusion[row, col].item()
+            color = "white" if count > peak / 2 else "black"
+            ax.text(col, row, f"{int(count)}", ha="center", va="center", color=color, fontsize=12)
     ax.set_title("Test set")
     fig.tight_layout()
     return save_figure(fig, Path(out_dir), "confusion-matrix")

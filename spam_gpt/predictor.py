@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from spam_gpt.checkpoint import ClassifierMeta, load_classifier
-from spam_gpt.classifier import SpamClassifier
+from spam_gpt.classifier import SPAM_LABEL, SpamClassifier, is_spam_model
 from spam_gpt.dataset import PAD_TOKEN_ID
 from spam_gpt.packing import packed_batches
 from spam_gpt.tokenizer import encode_text
@@ -30,8 +30,16 @@ ROW_TOKENS = 128
 
 
 class Prediction(NamedTuple):
+    """The most probable label, its probability, and every label's."""
+
     label: str
-    spam_probability: float
+    probability: float
+    probabilities: dict[str, float]
+
+    @property
+    def spam_probability(self) -> float | None:
+        """P(spam) of a spam/not-spam model (see ``is_spam_model``), else None."""
+        return self.probabilities[SPAM_LABEL] if is_spam_model(self.probabilities) else None
 
 
 def default_max_tokens(emb_dim: int) -> int:
@@ -68,25 +76,26 @@ class Predictor:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [encode_text(text)[: self.max_length] for text in texts]
 
-    def spam_probabilities(self, token_ids: Sequence[Sequence[int]]) -> list[float]:
-        """P(spam) per message, in input order, from already tokenized messages."""
+    def class_probabilities(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each label's probability per message, in input order, from token ids."""
         if self.pad_to:
             token_ids = [list(ids) + [PAD_TOKEN_ID] * (self.pad_to - len(ids)) for ids in token_ids]
         sequences = [ids or [PAD_TOKEN_ID] for ids in token_ids]
-        probabilities = [0.0] * len(sequences)
+        probabilities: list[list[float]] = [[]] * len(sequences)
         with torch.inference_mode():
             for order, batch in packed_batches(sequences, self.row_tokens, self.max_tokens):
                 with autocast_for(self.device):
                     logits = self.classifier.packed_logits(batch.to(self.device))
-                spam = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
-                for i, p in zip(order, spam):
-                    probabilities[i] = p
+                rows = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+                for i, row in zip(order, rows):
+                    probabilities[i] = row
         return probabilities
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        """Label and spam probability per text, in input order."""
+        """Label, its probability and every label's probability per text, in input order."""
         labels = self.meta.labels
-        return [
-            Prediction(labels[int(p > 0.5)], p)
-            for p in self.spam_probabilities(self.tokenize(texts))
-        ]
+        predictions = []
+        for row in self.class_probabilities(self.tokenize(texts)):
+            best = max(range(len(row)), key=row.__getitem__)
+            predictions.append(Prediction(labels[best], row[best], dict(zip(labels, row))))
+        return predictions

@@ -1,17 +1,17 @@
 """Bulk scoring of message archives with Ray Data.
 
-Every input row comes out exactly once, its columns untouched, with ``label``,
-``spam_probability``, ``model`` and ``score_error`` appended; a row that cannot be scored
-keeps a null label and says why. Batches stay in Arrow from reader to writer so that
-timestamps, lists and dictionary-encoded columns pass through unchanged. Output is
-written beside the target and moved into place (locally), and marked complete with a
-``_SUCCESS`` file, so a failed job never leaves output that looks finished.
+Every input row comes out exactly once, its columns untouched, with ``label``, its
+``probability``, ``probabilities`` (a struct with one field per label, which SQL engines
+read as ``probabilities.spam``), ``spam_probability`` for spam/not-spam models, ``model``
+and ``score_error`` appended; a row that cannot be scored keeps a null label and says why.
+Batches stay in Arrow from reader to writer so that timestamps, lists and
+dictionary-encoded columns pass through unchanged. Output is written beside the target
+and moved into place (locally), and marked complete with a ``_SUCCESS`` file, so a failed
+job never leaves output that looks finished.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import json
 import os
 import shutil
@@ -21,117 +21,34 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
 
+from spam_gpt.classifier import is_spam_model
 from spam_gpt.model_ref import pin_model_ref
-from spam_gpt.predictor import Predictor
+from spam_gpt.predictor import Prediction, Predictor
+from spam_gpt.sources import (
+    DataError,
+    expand_inputs,
+    is_remote,
+    local_path,
+    read_files,
+    resolve_column,
+)
 
-ADDED_COLUMNS = ("label", "spam_probability", "model", "score_error")
+ADDED_COLUMNS = (
+    "label",
+    "probability",
+    "probabilities",
+    "spam_probability",
+    "model",
+    "score_error",
+)
 SUCCESS_FILE = "_SUCCESS"
-TEXT_SUFFIXES = (".csv", ".tsv")
-UCI_NAME = "SMSSpamCollection"
 
 
-class ScoringError(ValueError):
+class ScoringError(DataError):
     """The job cannot start; the message says what to change."""
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def local_path(path: str) -> str:
-    return path.removeprefix("file://")
-
-
-def expand_glob(pattern: str) -> list[str]:
-    """Files matching ``pattern``, locally or on any filesystem pyarrow opens."""
-    if not is_remote(pattern):
-        return sorted(glob.glob(local_path(pattern), recursive=True))
-    filesystem, path = pa_fs.FileSystem.from_uri(pattern.split("*")[0].rsplit("/", 1)[0])
-    scheme = pattern.split("://", 1)[0]
-    base = pattern.split("://", 1)[1]
-    selector = pa_fs.FileSelector(path, recursive=True)
-    return sorted(
-        f"{scheme}://{info.path}"
-        for info in filesystem.get_file_info(selector)
-        if info.type == pa_fs.FileType.File and fnmatch.fnmatch(info.path, base)
-    )
-
-
-def expand_inputs(inputs: list[str]) -> tuple[list[str], str]:
-    """Input paths (globs expanded) and their one format: parquet, csv or tsv."""
-    paths: list[str] = []
-    for item in inputs:
-        if any(ch in item for ch in "*?["):
-            matched = expand_glob(item)
-            if not matched:
-                raise ScoringError(f"--input {item} matches no files")
-            paths += matched
-        else:
-            if not is_remote(item) and not Path(local_path(item)).exists():
-                raise ScoringError(f"--input {item} does not exist")
-            paths.append(item)
-    formats = {input_format(p) for p in paths}
-    if len(formats) > 1:
-        raise ScoringError(
-            f"--input mixes formats ({', '.join(sorted(formats))}); score each apart"
-        )
-    return paths, formats.pop()
-
-
-def input_format(path: str) -> str:
-    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
-    if name.endswith(TEXT_SUFFIXES):
-        return name.rsplit(".", 1)[1]
-    if name == UCI_NAME.lower():
-        return "tsv"
-    return "parquet"  # files by suffix, folders (hive partitions included) as Parquet
-
-
-def is_headerless_uci(path: str) -> bool:
-    """The UCI file has no header: its first line starts with a label."""
-    if is_remote(path):
-        return False
-    with open(local_path(path), encoding="utf-8", errors="replace") as handle:
-        return handle.readline().startswith(("ham\t", "spam\t"))
-
-
-def read_messages(paths: list[str], fmt: str):
-    """A Ray Dataset over the inputs."""
-    import ray.data
-
-    if fmt == "parquet":
-        return ray.data.read_parquet(paths)  # hive partitions become columns (the default)
-    if fmt == "csv":
-        parse = pa_csv.ParseOptions(newlines_in_values=True)
-        return ray.data.read_csv(paths, parse_options=parse)
-    parse = pa_csv.ParseOptions(delimiter="\t", quote_char=False)
-    names = ["Label", "Text"] if is_headerless_uci(paths[0]) else None
-    return ray.data.read_csv(
-        paths, parse_options=parse, read_options=pa_csv.ReadOptions(column_names=names)
-    )
-
-
-def resolve_text_column(columns: list[str], requested: str | None) -> str:
-    """``requested``, else ``text`` or the one column named so in another case (the
-    chapter's files say ``Text``)."""
-    if requested is not None:
-        if requested not in columns:
-            raise ScoringError(
-                f"the input has no column {requested!r} (columns: {', '.join(columns)}); "
-                "pass --text-column with the column holding the messages"
-            )
-        return requested
-    matches = [c for c in columns if c.lower() == "text"]
-    if len(matches) != 1:
-        raise ScoringError(
-            f"the input has no column 'text' (columns: {', '.join(columns)}); pass "
-            "--text-column with the column holding the messages"
-        )
-    return matches[0]
 
 
 def is_text_type(kind: pa.DataType) -> bool:
@@ -143,10 +60,10 @@ def is_text_type(kind: pa.DataType) -> bool:
 def score_table(
     predictor: Predictor, table: pa.Table, text_column: str, model_ref: str
 ) -> pa.Table:
-    """``table`` with the four result columns appended, row for row."""
+    """``table`` with the result columns appended, row for row."""
     rows = table.num_rows
-    labels: list[str | None] = [None] * rows
-    probabilities: list[float | None] = [None] * rows
+    labels = predictor.meta.labels
+    predictions: list[Prediction | None] = [None] * rows
     errors: list[str | None] = [None] * rows
     column = table.column(text_column)
     if not is_text_type(column.type):
@@ -161,14 +78,23 @@ def score_table(
                 errors[i] = "text is empty"
             else:
                 valid.append(i)
-        predictions = predictor.predict([texts[i] for i in valid])
-        for i, prediction in zip(valid, predictions):
-            labels[i], probabilities[i] = prediction.label, prediction.spam_probability
-    return (
-        table.append_column("label", pa.array(labels, pa.string()))
-        .append_column("spam_probability", pa.array(probabilities, pa.float64()))
-        .append_column("model", pa.array([model_ref] * rows, pa.string()))
-        .append_column("score_error", pa.array(errors, pa.string()))
+        for i, prediction in zip(valid, predictor.predict([texts[i] for i in valid])):
+            predictions[i] = prediction
+    per_label = pa.struct([(label, pa.float64()) for label in labels])
+    result = (
+        table.append_column("label", pa.array([p and p.label for p in predictions], pa.string()))
+        .append_column(
+            "probability", pa.array([p and p.probability for p in predictions], pa.float64())
+        )
+        .append_column(
+            "probabilities", pa.array([p and p.probabilities for p in predictions], per_label)
+        )
+    )
+    if is_spam_model(labels):
+        spam = [p and p.spam_probability for p in predictions]
+        result = result.append_column("spam_probability", pa.array(spam, pa.float64()))
+    return result.append_column("model", pa.array([model_ref] * rows, pa.string())).append_column(
+        "score_error", pa.array(errors, pa.string())
     )
 
 
@@ -275,7 +201,10 @@ def run_scoring(
     """Score ``inputs`` into the Parquet folder ``output``; see the module docstring."""
     from spam_gpt.ray_cluster import connect
 
-    paths, fmt = expand_inputs(inputs)
+    try:
+        paths, fmt = expand_inputs(inputs)
+    except DataError as error:
+        raise ScoringError(str(error)) from None
     if not overwrite and not is_remote(output) and Path(local_path(output)).exists():
         raise ScoringError(f"--output {output} exists; choose a new folder or pass --overwrite")
     try:
@@ -284,9 +213,12 @@ def run_scoring(
         raise ScoringError(f"--model {model}: {error}") from None
     connect(address, num_cpus=concurrency * cpus_per_actor + 1, runtime_env=runtime_env)
     check_cpus(concurrency * cpus_per_actor + 1)
-    dataset = read_messages(paths, fmt)
+    dataset = read_files(paths, fmt)
     columns = list(dataset.schema().names)
-    column = resolve_text_column(columns, text_column)
+    try:
+        column = resolve_column(columns, text_column, "text", "--text-column")
+    except DataError as error:
+        raise ScoringError(str(error)) from None
     clashes = [c for c in ADDED_COLUMNS if c in columns]
     if clashes:
         raise ScoringError(f"the input already has column(s) {', '.join(clashes)}; rename them")

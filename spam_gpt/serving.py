@@ -11,7 +11,6 @@ classes, not strings, through Serve's ingress wrapper.
 import asyncio
 import json
 from importlib import resources
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,8 +60,12 @@ class ModelInfo(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    label: Literal["spam", "not spam"]
-    spam_probability: float
+    label: str = Field(description="the most probable label")
+    probability: float = Field(description="that label's probability")
+    probabilities: dict[str, float] = Field(description="every label's probability")
+    spam_probability: float | None = Field(
+        default=None, description="P(spam), for models whose labels are spam and one other"
+    )
     model: ModelInfo
 
 
@@ -135,7 +138,8 @@ def describe_errors(error: RequestValidationError) -> str:
 
 api = FastAPI(
     title="spam-gpt",
-    description="Classify SMS messages as spam or not spam with a fine-tuned GPT-2.",
+    description="Classify SMS messages with a fine-tuned GPT-2 (spam or not spam, or the "
+    "labels the model was trained on).",
     version="1.0",
 )
 api.add_middleware(BodyLimit)
@@ -181,7 +185,13 @@ class SpamClassifierService:
 
     def responses(self, texts: list[str]) -> list[ClassifyResponse]:
         return [
-            ClassifyResponse(label=p.label, spam_probability=p.spam_probability, model=self.info)
+            ClassifyResponse(
+                label=p.label,
+                probability=p.probability,
+                probabilities=p.probabilities,
+                spam_probability=p.spam_probability,
+                model=self.info,
+            )
             for p in self.predictor.predict(texts)
         ]
 
@@ -193,12 +203,12 @@ class SpamClassifierService:
         at concurrency 32 on gpt2-small, batches of up to 16: 4 requests per pass)."""
         return self.responses(texts)
 
-    @api.post("/classify", response_model=ClassifyResponse)
+    @api.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Label one message; concurrent calls share a forward pass."""
         return await self.classify_many(request.text)
 
-    @api.post("/classify/batch", response_model=BatchResponse)
+    @api.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True)
     async def classify_batch(self, request: BatchRequest) -> BatchResponse:
         """Label up to 256 messages, answered in input order."""
         # Off the event loop: a large batch must not hold up single requests or health checks.
@@ -224,6 +234,7 @@ class SpamClassifierService:
                 "max_length": meta.max_length,
                 "training": meta.train_config,
             },
+            "labels": meta.labels,
             "test_accuracy": meta.metrics.get("test_accuracy"),
             "metrics": meta.metrics,
         }

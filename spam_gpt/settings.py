@@ -60,6 +60,11 @@ def check_value(where: str, action: argparse.Action, value: object) -> None:
     if isinstance(action, argparse._StoreTrueAction):
         ok = isinstance(value, bool)
         expected = "true or false"
+    elif action.nargs == "+":
+        ok = isinstance(value, str) or (
+            isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+        )
+        expected = "a string or a list of strings"
     elif getattr(action.type, "__name__", "") == "json_object":
         ok = isinstance(value, dict)
         expected = "a mapping"
@@ -107,6 +112,8 @@ def settings_arguments(
             arguments += [action.option_strings[0]] if value else []
         elif isinstance(value, dict):
             arguments += [action.option_strings[0], json.dumps(value)]
+        elif isinstance(value, list):
+            arguments += [action.option_strings[0], *value]
         else:
             arguments += [action.option_strings[0], str(value)]
     return arguments

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Map
 
+from spam_gpt.classifier import is_spam_model
 from spam_gpt.training import TrainingHistory
 
 DEFAULT_EXPERIMENT = "spam-gpt"
@@ -35,11 +38,26 @@ FINAL_METRICS = {
     "train_accuracy": "final_train_accuracy",
     "validation_accuracy": "final_validation_accuracy",
     "test_accuracy": "test_accuracy",
+    "macro_f1": "macro_f1",
     "spam_precision": "spam_precision",
     "spam_recall": "spam_recall",
     "spam_f1": "spam_f1",
     "training_seconds": "training_seconds",
 }
+
+
+def metric_key(name: str) -> str:
+    """A label as part of an MLflow metric name, which allows letters, digits, ``_-. /``."""
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def final_metric_values(metrics: dict) -> dict[str, float]:
+    """The run's final numbers under their MLflow names; per label as ``precision/spam``."""
+    values = {FINAL_METRICS[k]: float(v) for k, v in metrics.items() if k in FINAL_METRICS}
+    for label, scores in metrics["per_class"].items():
+        for score in ("precision", "recall", "f1"):
+            values[f"{score}/{metric_key(label)}"] = float(scores[score])
+    return values
 
 
 def default_tracking_uri() -> str:
@@ -147,27 +165,40 @@ class RunLogger:
         if RESULTS_TAG in tags:
             return tags.get(VERSION_TAG)
         now = int(time.time() * 1000)
-        final = [Metric(FINAL_METRICS[k], float(metrics[k]), now, 0) for k in FINAL_METRICS]
+        final = [Metric(k, v, now, 0) for k, v in final_metric_values(metrics).items()]
         self.client.log_batch(self.run_id, metrics=final)
         for path in sorted(output_dir.iterdir()):
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
         self.client.log_artifacts(self.run_id, str(output_dir / "model"), "checkpoint")
         version = log_pyfunc_model(
-            self.client.tracking_uri, self.run_id, output_dir / "model", register_as
+            self.client.tracking_uri,
+            self.run_id,
+            output_dir / "model",
+            register_as,
+            metrics["labels"],
         )
         if version is not None:
             accuracy = f"{metrics['test_accuracy']:.4f}"
             self.client.set_model_version_tag(register_as, version, "test_accuracy", accuracy)
+            labels = ",".join(metrics["labels"])
+            self.client.set_model_version_tag(register_as, version, "labels", labels)
             self.client.set_tag(self.run_id, VERSION_TAG, version)
         self.client.set_tag(self.run_id, RESULTS_TAG, "true")
         return version
 
 
-PYFUNC_SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "text")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
-)
+def pyfunc_signature(labels: list[str]) -> ModelSignature:
+    """Input ``text``; output ``label``, its ``probability``, every label's in
+    ``probabilities``, and ``spam_probability`` for a spam/not-spam model."""
+    outputs = [
+        ColSpec("string", "label"),
+        ColSpec("double", "probability"),
+        ColSpec(Map(DataType.double), "probabilities"),
+    ]
+    if is_spam_model(labels):
+        outputs.append(ColSpec("double", "spam_probability"))
+    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
 
 
 def pyfunc_requirements() -> list[str]:
@@ -188,7 +219,11 @@ def pyfunc_requirements() -> list[str]:
 
 
 def log_pyfunc_model(
-    tracking_uri: str, run_id: str, checkpoint_dir: Path, register_as: str | None
+    tracking_uri: str,
+    run_id: str,
+    checkpoint_dir: Path,
+    register_as: str | None,
+    labels: list[str],
 ) -> str | None:
     """Log the classifier as a pyfunc "model from code" (nothing pickled), carrying the
     spam_gpt package with it, and return the registered version if ``register_as``."""
@@ -200,7 +235,7 @@ def log_pyfunc_model(
             python_model=str(PYFUNC_MODEL_FILE),
             artifacts={"checkpoint": str(checkpoint_dir)},
             code_paths=[str(Path(__file__).parent)],
-            signature=PYFUNC_SIGNATURE,
+            signature=pyfunc_signature(labels),
             input_example=pd.DataFrame({"text": ["Free entry! Text WIN to 80082 now"]}),
             pip_requirements=pyfunc_requirements(),
             registered_model_name=register_as,

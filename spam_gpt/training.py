@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 # tqdm.auto's async class calls iter() on its iterable at once, which draws from the
 # torch RNG through DataLoader and would shift every later shuffle.
 from tqdm import tqdm
 
+from spam_gpt.classifier import is_spam_model
 from spam_gpt.dataset import Batch
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -55,14 +55,15 @@ def calc_loss_batch(batch: Batch, model: torch.nn.Module, device: torch.device) 
     return F.cross_entropy(batch_logits(batch, model, device), batch.labels.to(device))
 
 
-def first_batches(data_loader: DataLoader, num_batches: int | None) -> Iterator[tuple[int, Batch]]:
-    """The first ``num_batches`` batches (all when ``None``), numbered."""
-    limit = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    return zip(range(limit), data_loader)
+def first_batches(data_loader: Iterable[Batch], num_batches: int | None) -> Iterator[Batch]:
+    """The first ``num_batches`` batches, or all of them (a stream need not know how many)."""
+    if num_batches is None:
+        return iter(data_loader)
+    return (batch for _, batch in zip(range(min(num_batches, len(data_loader))), data_loader))
 
 
 def calc_loss_loader(
-    data_loader: DataLoader,
+    data_loader: Iterable[Batch],
     model: torch.nn.Module,
     device: torch.device,
     num_batches: int | None = None,
@@ -74,7 +75,7 @@ def calc_loss_loader(
         return float("nan")
     sums = torch.zeros(limit, dtype=torch.float64)
     counts = torch.zeros(limit, dtype=torch.float64)
-    for i, batch in first_batches(data_loader, limit):
+    for i, batch in enumerate(first_batches(data_loader, limit)):
         if len(batch.labels):
             logits = batch_logits(batch, model, device)
             loss = F.cross_entropy(logits, batch.labels.to(device), reduction="sum")
@@ -83,9 +84,11 @@ def calc_loss_loader(
     return (sums / counts).mean().item()
 
 
-def count_confusion(labels: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+def count_confusion(
+    labels: torch.Tensor, predicted: torch.Tensor, num_classes: int = 2
+) -> torch.Tensor:
     """Counts ``[true label, predicted label]`` of two label vectors."""
-    counts = torch.zeros(2, 2, dtype=torch.float64)
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     ones = torch.ones(len(predicted), dtype=torch.float64)
     return counts.index_put_((labels, predicted), ones, accumulate=True)
 
@@ -95,38 +98,42 @@ def accuracy_of(confusion: torch.Tensor) -> float:
 
 
 def confusion_matrix_loader(
-    data_loader: DataLoader,
+    data_loader: Iterable[Batch],
     model: torch.nn.Module,
     device: torch.device,
     num_batches: int | None = None,
     reduce: Reduce = local_only,
+    num_classes: int = 2,
 ) -> torch.Tensor:
     """Counts ``[true label, predicted label]`` over the first ``num_batches`` batches."""
-    counts = torch.zeros(2, 2, dtype=torch.float64)
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        for _, batch in first_batches(data_loader, num_batches):
+        for batch in first_batches(data_loader, num_batches):
             if len(batch.labels):
                 predicted = batch_logits(batch, model, device).argmax(dim=-1).cpu()
-                counts += count_confusion(batch.labels, predicted)
+                counts += count_confusion(batch.labels, predicted, num_classes)
     return reduce(counts)
 
 
 def calc_accuracy_loader(
-    data_loader: DataLoader,
+    data_loader: Iterable[Batch],
     model: torch.nn.Module,
     device: torch.device,
     num_batches: int | None = None,
     reduce: Reduce = local_only,
+    num_classes: int = 2,
 ) -> float:
     """Share of correct argmax predictions (the chapter's accuracy)."""
-    return accuracy_of(confusion_matrix_loader(data_loader, model, device, num_batches, reduce))
+    return accuracy_of(
+        confusion_matrix_loader(data_loader, model, device, num_batches, reduce, num_classes)
+    )
 
 
 def evaluate_model(
     model: torch.nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: Iterable[Batch],
+    val_loader: Iterable[Batch],
     device: torch.device,
     eval_iter: int,
     reduce: Reduce = local_only,
@@ -152,6 +159,7 @@ class TrainingHistory:
     examples_seen: int = 0
     global_step: int = -1
     epochs_done: int = 0
+    stopped_at_max_steps: bool = False
 
 
 EvalHook = Callable[[TrainingHistory], None]
@@ -160,14 +168,17 @@ EpochHook = Callable[[TrainingHistory], None]
 
 def train_classifier_simple(
     model: torch.nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: Iterable[Batch],
+    val_loader: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     num_epochs: int,
     eval_freq: int,
     eval_iter: int,
     *,
+    train_probe: Iterable[Batch] | None = None,
+    max_steps: int | None = None,
+    num_classes: int = 2,
     history: TrainingHistory | None = None,
     reduce: Reduce = local_only,
     on_eval: EvalHook | None = None,
@@ -178,11 +189,15 @@ def train_classifier_simple(
     """The chapter's loop: a step per batch, losses every ``eval_freq`` steps on
     ``eval_iter`` batches, accuracies on ``eval_iter`` batches after each epoch.
 
-    ``history`` continues a stopped run from its last finished epoch; ``examples_seen``
-    counts examples over all workers. ``verbose`` prints the chapter's lines; ``progress``
-    adds a bar (off on Ray workers, whose output is not a terminal).
+    Estimates read ``train_probe`` (default: ``train_loader``, the chapter's) and
+    ``val_loader``. ``max_steps`` ends training after that many optimizer steps, with
+    the epoch's accuracies and hook as at any epoch's end. ``history`` continues a
+    stopped run from its last finished epoch; ``examples_seen`` counts examples over all
+    workers. ``verbose`` prints the chapter's lines; ``progress`` adds a bar (off on Ray
+    workers, whose output is not a terminal).
     """
     history = history or TrainingHistory()
+    train_probe = train_loader if train_probe is None else train_probe
     world_size = round(reduce(torch.ones(1, dtype=torch.float64)).item())
     show_bar = verbose and progress
 
@@ -193,6 +208,8 @@ def train_classifier_simple(
             say(line)
 
     for epoch in range(history.epochs_done, num_epochs):
+        if history.stopped_at_max_steps:
+            break
         model.train()
         steps = tqdm(
             train_loader,
@@ -210,7 +227,7 @@ def train_classifier_simple(
             history.global_step += 1
             if history.global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter, reduce
+                    model, train_probe, val_loader, device, eval_iter, reduce
                 )
                 history.train_losses.append(train_loss)
                 history.val_losses.append(val_loss)
@@ -223,8 +240,17 @@ def train_classifier_simple(
                 )
                 if on_eval:
                     on_eval(history)
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, reduce)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, reduce)
+            if max_steps is not None and history.global_step + 1 >= max_steps:
+                history.stopped_at_max_steps = True
+                steps.close()
+                log(f"Stopping after {max_steps} steps (--max-steps)")
+                break
+        train_accuracy = calc_accuracy_loader(
+            train_probe, model, device, eval_iter, reduce, num_classes
+        )
+        val_accuracy = calc_accuracy_loader(
+            val_loader, model, device, eval_iter, reduce, num_classes
+        )
         log(
             f"Training accuracy: {train_accuracy * 100:.2f}% | "
             f"Validation accuracy: {val_accuracy * 100:.2f}%"
@@ -237,10 +263,36 @@ def train_classifier_simple(
     return history
 
 
-def spam_scores(confusion: torch.Tensor) -> dict[str, float]:
-    """Precision, recall and F1 of the spam class from ``[true, predicted]`` counts."""
-    tp, fp, fn = confusion[1, 1].item(), confusion[0, 1].item(), confusion[1, 0].item()
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"spam_precision": precision, "spam_recall": recall, "spam_f1": f1}
+def class_scores(confusion: torch.Tensor, labels: Sequence[str]) -> dict:
+    """Per-class precision, recall, F1 and support, and macro F1, from ``[true,
+    predicted]`` counts; a class never predicted (or never present) scores 0."""
+    per_class = {}
+    for k, label in enumerate(labels):
+        tp = confusion[k, k].item()
+        predicted, actual = confusion[:, k].sum().item(), confusion[k, :].sum().item()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": int(actual),
+        }
+    macro_f1 = sum(scores["f1"] for scores in per_class.values()) / len(per_class)
+    return {"per_class": per_class, "macro_f1": macro_f1}
+
+
+def spam_scores(confusion: torch.Tensor, labels: Sequence[str] = ("not spam", "spam")) -> dict:
+    """Precision, recall and F1 of the spam class (the chapter's), flat."""
+    scores = class_scores(confusion, labels)["per_class"]["spam"]
+    return {f"spam_{key}": scores[key] for key in ("precision", "recall", "f1")}
+
+
+def final_scores(confusion: torch.Tensor, labels: list[str]) -> dict:
+    """Per-class scores, macro F1 and the confusion matrix; a spam/not-spam model also
+    keeps the flat ``spam_precision``/``spam_recall``/``spam_f1`` it always had."""
+    scores = {**class_scores(confusion, labels), "labels": labels}
+    if is_spam_model(labels):
+        scores |= spam_scores(confusion, labels)
+    return scores | {"confusion_matrix": confusion.int().tolist()}

@@ -150,3 +150,38 @@ def haproxy_running() -> bool:
         except OSError:  # the process ended while we looked
             pass
     return False
+
+
+THREE_LABELS = ["call a number", "ham", "other spam"]
+
+
+def three_class_frame():
+    """Ham, spam that asks you to call a number, and other spam, from the corpus: 240
+    distinct messages each."""
+    from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+
+    corpus = parse_collection(bundled_corpus_bytes()).drop_duplicates("Text")
+    spam = corpus[corpus["Label"] == "spam"]
+    calls = spam["Text"].str.contains(r"\b0\d{9,}\b", regex=True)
+    frames = {
+        "call a number": spam[calls].head(240),
+        "other spam": spam[~calls].head(240),
+        "ham": corpus[corpus["Label"] == "ham"].sample(240, random_state=0),
+    }
+    import pandas as pd
+
+    rows = pd.concat(
+        [pd.DataFrame({"text": f["Text"].tolist(), "label": name}) for name, f in frames.items()]
+    )
+    return rows.sample(frac=1, random_state=1).reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def three_class_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three-class messages as Parquet, in three files."""
+    folder = tmp_path_factory.mktemp("three-class")
+    frame = three_class_frame()
+    third = len(frame) // 3 + 1
+    for k in range(3):
+        frame.iloc[k * third : (k + 1) * third].to_parquet(folder / f"part-{k}.parquet")
+    return folder

@@ -76,7 +76,7 @@ def test_predictions_do_not_depend_on_the_company_a_message_keeps():
     meta = ClassifierMeta(CONFIG.to_dict(), "last_real", "batch", max_length=60)
     predictor = Predictor(model, meta, max_tokens=256)
     texts = ["Call now to win a prize", "see you at 6?", "ok", "Free entry " * 20] * 5
-    together = predictor.spam_probabilities(predictor.tokenize(texts))
-    alone = [predictor.spam_probabilities(predictor.tokenize([text]))[0] for text in texts]
+    together = [row[1] for row in predictor.class_probabilities(predictor.tokenize(texts))]
+    alone = [predictor.class_probabilities(predictor.tokenize([text]))[0][1] for text in texts]
     assert together == pytest.approx(alone, abs=1e-6)
     assert len({round(p, 4) for p in together}) == 4  # the messages really differ

@@ -179,10 +179,14 @@ def test_classify_labels_the_chapters_examples(tiny_run, capsys):
     assert main(["classify", "--model", str(tiny_run / "model"), CHAPTER_SPAM, CHAPTER_HAM]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == ["spam", "not spam"]
-    assert float(lines[0].split("\t")[1]) > 0.5 > float(lines[1].split("\t")[1])
+    assert all(float(line.split("\t")[1]) > 0.5 for line in lines)  # each label's own
     assert main(["classify", "--json", "--model", str(tiny_run / "model"), CHAPTER_HAM]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["label"] == "not spam" and record["text"] == CHAPTER_HAM
+    assert set(record["probabilities"]) == {"not spam", "spam"}
+    assert sum(record["probabilities"].values()) == pytest.approx(1.0)
+    assert record["probability"] == record["probabilities"]["not spam"] > 0.5
+    assert record["spam_probability"] == record["probabilities"]["spam"]
 
 
 def test_bf16_precision_agrees_with_fp32(tiny_run):

@@ -1,0 +1,233 @@
+"""Input files of messages: what ``--data`` and ``--input`` accept, and reading them.
+
+A path is a Parquet file, a folder of Parquet files (hive partitions become columns), a
+glob, or a CSV/TSV file (the chapter's splits, the UCI collection), local or on any
+filesystem pyarrow opens (``s3://``, ``gs://``, ``file://``). Files are read a batch at
+a time, so no file needs to fit in memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.dataset as pa_ds
+import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
+
+TEXT_SUFFIXES = (".csv", ".tsv")
+UCI_NAME = "SMSSpamCollection"
+UCI_COLUMNS = ["Label", "Text"]
+BATCH_ROWS = 8192
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message says which input and what to change."""
+
+
+class SourceFile(NamedTuple):
+    """One input file, with the values of the hive partitions its path names."""
+
+    path: str
+    format: str  # parquet, csv or tsv
+    partitions: dict
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    return path.removeprefix("file://")
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Files matching ``pattern``, locally or on any filesystem pyarrow opens."""
+    if not is_remote(pattern):
+        return sorted(glob.glob(local_path(pattern), recursive=True))
+    filesystem, path = pa_fs.FileSystem.from_uri(pattern.split("*")[0].rsplit("/", 1)[0])
+    scheme = pattern.split("://", 1)[0]
+    base = pattern.split("://", 1)[1]
+    selector = pa_fs.FileSelector(path, recursive=True)
+    return sorted(
+        f"{scheme}://{info.path}"
+        for info in filesystem.get_file_info(selector)
+        if info.type == pa_fs.FileType.File and fnmatch.fnmatch(info.path, base)
+    )
+
+
+def expand_inputs(inputs: list[str], option: str = "--input") -> tuple[list[str], str]:
+    """Input paths (globs expanded) and their one format: parquet, csv or tsv."""
+    paths: list[str] = []
+    for item in inputs:
+        if any(ch in item for ch in "*?["):
+            matched = expand_glob(item)
+            if not matched:
+                raise DataError(f"{option} {item} matches no files")
+            paths += matched
+        else:
+            if not is_remote(item) and not Path(local_path(item)).exists():
+                raise DataError(f"{option} {item} does not exist")
+            paths.append(item)
+    formats = {input_format(p) for p in paths}
+    if len(formats) > 1:
+        raise DataError(f"{option} mixes formats ({', '.join(sorted(formats))}); use one")
+    return paths, formats.pop()
+
+
+def input_format(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name.endswith(TEXT_SUFFIXES):
+        return name.rsplit(".", 1)[1]
+    if name == UCI_NAME.lower():
+        return "tsv"
+    return "parquet"  # files by suffix, folders (hive partitions included) as Parquet
+
+
+def filesystem_of(path: str) -> tuple[pa_fs.FileSystem, str]:
+    if is_remote(path):
+        return pa_fs.FileSystem.from_uri(path)
+    return pa_fs.LocalFileSystem(), str(Path(local_path(path)).resolve())
+
+
+def is_headerless_uci(path: str) -> bool:
+    """The UCI file has no header: its first line starts with a label."""
+    filesystem, where = filesystem_of(path)
+    with filesystem.open_input_stream(where) as stream:
+        return stream.read(5).startswith((b"ham\t", b"spam\t"))
+
+
+def csv_parse_options(fmt: str) -> pa_csv.ParseOptions:
+    if fmt == "csv":
+        return pa_csv.ParseOptions(newlines_in_values=True)
+    return pa_csv.ParseOptions(delimiter="\t", quote_char=False)
+
+
+def csv_read_options(fmt: str, path: str) -> pa_csv.ReadOptions:
+    """Column names from the header, or the UCI file's two when it has none."""
+    names = UCI_COLUMNS if fmt == "tsv" and is_headerless_uci(path) else None
+    return pa_csv.ReadOptions(column_names=names, block_size=1 << 22)
+
+
+def csv_column_names(path: str, fmt: str) -> list[str]:
+    filesystem, where = filesystem_of(path)
+    with filesystem.open_input_stream(where) as stream:
+        reader = pa_csv.open_csv(
+            stream, read_options=csv_read_options(fmt, path), parse_options=csv_parse_options(fmt)
+        )
+        return reader.schema.names
+
+
+def csv_as_strings(path: str, fmt: str) -> pa_csv.ConvertOptions:
+    """Every column read as text: a streamed reader guesses types from its first block,
+    and a label column of digits that later says "spam" must not stop the job."""
+    names = csv_column_names(path, fmt)
+    return pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()))
+
+
+def read_files(
+    paths: list[str], fmt: str, shuffle_seed: int | None = None, as_strings: bool = False
+):
+    """A Ray Dataset over Parquet or CSV/TSV paths; hive partitions become columns.
+    ``shuffle_seed`` reads the files in a new seeded order on every pass; ``as_strings``
+    reads every CSV column as text (see :func:`csv_as_strings`)."""
+    import ray.data
+
+    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths, shuffle=shuffle)
+    convert = csv_as_strings(paths[0], fmt) if as_strings else None
+    return ray.data.read_csv(
+        paths,
+        shuffle=shuffle,
+        parse_options=csv_parse_options(fmt),
+        read_options=csv_read_options(fmt, paths[0]),
+        convert_options=convert,
+    )
+
+
+def list_files(paths: list[str], fmt: str) -> list[SourceFile]:
+    """Every file under ``paths`` (expanded by :func:`expand_inputs`), in a stable order,
+    with its hive partition values (``region=eu/`` gives ``region``)."""
+    files: list[SourceFile] = []
+    for path in paths:
+        filesystem, where = filesystem_of(path)
+        dataset = pa_ds.dataset(
+            where, filesystem=filesystem, format="csv" if fmt != "parquet" else "parquet"
+        )
+        scheme = path.split("://", 1)[0] + "://" if is_remote(path) else ""
+        for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
+            files.append(SourceFile(scheme + fragment.path, fmt, hive_partitions(fragment.path)))
+    return files
+
+
+def hive_partitions(path: str) -> dict:
+    """``key=value`` folders of a path, as strings (the way Ray Data reads them)."""
+    parts = path.replace("\\", "/").split("/")[:-1]
+    return dict(part.split("=", 1) for part in parts if "=" in part and not part.startswith("="))
+
+
+def file_batches(source: SourceFile, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The file's rows, a batch at a time, with its partition values as string columns."""
+    filesystem, where = filesystem_of(source.path)
+    wanted = None if columns is None else [c for c in columns if c not in source.partitions]
+    if source.format == "parquet":
+        with filesystem.open_input_file(where) as handle:
+            reader = pq.ParquetFile(handle)
+            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                yield with_partitions(pa.Table.from_batches([batch]), source.partitions)
+        return
+    with filesystem.open_input_stream(where) as stream:
+        reader = pa_csv.open_csv(
+            stream,
+            read_options=csv_read_options(source.format, source.path),
+            parse_options=csv_parse_options(source.format),
+            convert_options=csv_as_strings(source.path, source.format),
+        )
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            if wanted is not None:
+                table = table.select([c for c in wanted if c in table.column_names])
+            yield with_partitions(table, source.partitions)
+
+
+def with_partitions(table: pa.Table, partitions: dict) -> pa.Table:
+    for key, value in partitions.items():
+        if key not in table.column_names:
+            table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+    return table
+
+
+def file_columns(source: SourceFile) -> list[str]:
+    """Column names of one file, partition columns included, without reading its rows."""
+    if source.format == "parquet":
+        filesystem, where = filesystem_of(source.path)
+        with filesystem.open_input_file(where) as handle:
+            names = pq.ParquetFile(handle).schema_arrow.names
+    else:
+        names = csv_column_names(source.path, source.format)
+    return [*names, *(k for k in source.partitions if k not in names)]
+
+
+def resolve_column(columns: list[str], requested: str | None, default: str, option: str) -> str:
+    """``requested`` exactly, else the one column named ``default`` in any case (the
+    chapter's files say ``Text`` and ``Label``)."""
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(
+                f"the input has no column {requested!r} (columns: {', '.join(columns)}); "
+                f"pass {option} with one of them"
+            )
+        return requested
+    matches = [c for c in columns if c.lower() == default]
+    if len(matches) != 1:
+        raise DataError(
+            f"the input has no column {default!r} (columns: {', '.join(columns)}); pass "
+            f"{option} with the column that holds them"
+        )
+    return matches[0]
