@@ -362,8 +362,13 @@ def train_on_ray(args: argparse.Namespace) -> int:
 
     from ray.train import TrainingFailedError
 
-    from spam_gpt.distributed import find_job, new_job, prepare_data, run_job
-    from spam_gpt.ray_cluster import connect
+    from spam_gpt.distributed import (
+        connect_for_training,
+        find_job,
+        new_job,
+        prepare_data,
+        run_job,
+    )
     from spam_gpt.tracking import absolute_tracking_uri
 
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
@@ -375,8 +380,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
         spec = data_spec_from_args(args)
         workers = args.workers or 1
         cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
-    # One CPU beyond the workers' for Ray Data, which reads and tokenizes as they train.
-    connect(args.address, num_cpus=workers * cpus + 1, runtime_env=args.runtime_env)
+    connect_for_training(args.address, workers, cpus, args.runtime_env)
     inputs, plan = prepare_data(spec)
     report_data(plan)
     if not args.resume:

@@ -8,7 +8,6 @@ two examples over HTTP → say where everything is. Everything lands in ``demo-o
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import time
@@ -52,9 +51,8 @@ def run_demo(out: Path, port: int) -> None:
 
     from spam_gpt.config import resolve_config
     from spam_gpt.corpus import build_splits, bundled_corpus_bytes, parse_collection, write_splits
-    from spam_gpt.distributed import new_job, prepare_data, run_job
+    from spam_gpt.distributed import connect_for_training, new_job, prepare_data, run_job
     from spam_gpt.model_ref import pin_model_ref
-    from spam_gpt.ray_cluster import connect
     from spam_gpt.scoring import run_scoring
     from spam_gpt.server import classify_over_http, deploy
 
@@ -77,7 +75,7 @@ def run_demo(out: Path, port: int) -> None:
             "No pretrained GPT-2 weights on this machine (see README, 'Real GPT-2 weights'): "
             "training the `tiny` preset from scratch."
         )
-    connect(num_cpus=max(os.cpu_count() or 1, 3))
+    connect_for_training(None, workers=2, cpus_per_worker=1)
     stage(2, f"train: `{cfg.preset}` on 2 Ray Train workers, tracked in MLflow ({tracking_uri})")
     inputs, plan = prepare_data(None)
     job = new_job(

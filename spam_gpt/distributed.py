@@ -32,6 +32,7 @@ from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.finetune import Workers, finetune, write_outputs
 from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, training_datasets
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
+from spam_gpt.ray_cluster import connect, require_cpus
 from spam_gpt.tracking import RunLogger, git_commit, job_of_run, open_run
 from spam_gpt.training import say
 from spam_gpt.training_state import TrainingState, load_training_state, save_training_state
@@ -268,6 +269,16 @@ def run_job(job: TrainJob, inputs: LabelledInputs, plan: SplitPlan) -> dict:
         shutil.copytree(folder, job.output, dirs_exist_ok=True)
     client.set_terminated(job.run_id, status="FINISHED")
     return json.loads((Path(job.output) / "metrics.json").read_text())
+
+
+def connect_for_training(
+    address: str | None, workers: int, cpus_per_worker: int, runtime_env: dict | None = None
+) -> None:
+    """Join (or start) Ray with a CPU beyond the workers' for Ray Data, which reads and
+    tokenizes while they train: without it the stream, and training, would wait forever."""
+    needed = workers * cpus_per_worker + 1
+    connect(address, num_cpus=needed, runtime_env=runtime_env)
+    require_cpus(needed, "--workers x --cpus-per-worker plus one CPU for Ray Data")
 
 
 def prepare_data(spec: DataSpec | None) -> tuple[LabelledInputs, SplitPlan]:

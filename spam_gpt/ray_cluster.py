@@ -23,3 +23,12 @@ def connect(
         return
     cpus = max(os.cpu_count() or 1, num_cpus or 1)
     ray.init(num_cpus=cpus)
+
+
+def require_cpus(needed: int, what: str) -> None:
+    """Refuse work the cluster cannot schedule, which would otherwise wait forever."""
+    available = ray.cluster_resources().get("CPU", 0)
+    if needed > available:
+        raise ValueError(
+            f"{what} needs {needed} CPUs; the Ray cluster has {available:g}; lower them"
+        )

@@ -145,19 +145,6 @@ class ScoreSummary:
         )
 
 
-def check_cpus(needed: int) -> None:
-    """Refuse a job the cluster cannot schedule, which would otherwise wait forever: the
-    actors plus one CPU for the read and write tasks."""
-    import ray
-
-    available = ray.cluster_resources().get("CPU", 0)
-    if needed > available:
-        raise ScoringError(
-            f"--concurrency x --cpus-per-actor plus one CPU for reading needs {needed} CPUs; "
-            f"the Ray cluster has {available:g}; lower them"
-        )
-
-
 def summarize(output: str, seconds: float) -> ScoreSummary:
     """Counts from the written files (the label column, streamed): never held in memory."""
     rows = scored = spam = 0
@@ -199,7 +186,7 @@ def run_scoring(
     precision: str = "fp32",
 ) -> ScoreSummary:
     """Score ``inputs`` into the Parquet folder ``output``; see the module docstring."""
-    from spam_gpt.ray_cluster import connect
+    from spam_gpt.ray_cluster import connect, require_cpus
 
     try:
         paths, fmt = expand_inputs(inputs)
@@ -211,8 +198,12 @@ def run_scoring(
         model_ref = pin_model_ref(model, tracking_uri)
     except FileNotFoundError as error:
         raise ScoringError(f"--model {model}: {error}") from None
-    connect(address, num_cpus=concurrency * cpus_per_actor + 1, runtime_env=runtime_env)
-    check_cpus(concurrency * cpus_per_actor + 1)
+    needed = concurrency * cpus_per_actor + 1
+    connect(address, num_cpus=needed, runtime_env=runtime_env)
+    try:
+        require_cpus(needed, "--concurrency x --cpus-per-actor plus one CPU for reading")
+    except ValueError as error:
+        raise ScoringError(str(error)) from None
     dataset = read_files(paths, fmt)
     columns = list(dataset.schema().names)
     try:

@@ -132,11 +132,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray with two CPUs for one test module, shut down after it."""
+def local_ray(request):
+    """A local Ray for one test module (two CPUs, or the module's ``RAY_CPUS``), shut
+    down after it."""
     import ray
 
-    ray.init(num_cpus=2)
+    ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 2))
     yield
     ray.shutdown()
 

@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 with 2 CPUs and a dashboard (the job server)."""
+    """A Ray head on 127.0.0.1 with 3 logical CPUs and a dashboard (the job server)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python` from here
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 heads want a token; clients then send ~/.ray's
@@ -35,7 +35,7 @@ def ray_head():
             "--head",
             "--node-ip-address=127.0.0.1",
             f"--port={gcs}",
-            "--num-cpus=2",
+            "--num-cpus=3",  # two training workers and Ray Data
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
