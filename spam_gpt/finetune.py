@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ def finetune(
         "test_accuracy": accuracy_of(confusion),
         **final_scores(confusion, labels),
         "training_seconds": training_seconds,
+        "worker_peak_rss_mb": peak_memory_per_worker(workers),
     }
     meta = ClassifierMeta(
         model_config=gpt.cfg.to_dict(),
@@ -228,6 +230,13 @@ def finetune(
         metrics={k: metrics[k] for k in ("train_accuracy", "validation_accuracy", "test_accuracy")},
     )
     return FinetuneResult(classifier, meta, history, metrics, confusion)
+
+
+def peak_memory_per_worker(workers: Workers) -> list[float]:
+    """Each worker's peak resident memory in MiB, so a run shows what its data cost."""
+    peaks = torch.zeros(workers.world_size, dtype=torch.float64)
+    peaks[workers.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [round(value, 1) for value in workers.reduce(peaks).tolist()]
 
 
 def history_dict(history: TrainingHistory) -> dict:

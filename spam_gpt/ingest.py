@@ -41,6 +41,9 @@ from spam_gpt.tokenizer import get_tokenizer
 
 PROBES = ("train_probe", "validation_probe")
 SHUFFLE_BUFFER_ROWS = 2048
+# Rows per forward pass in the final evaluation: counts of right answers do not depend on
+# how rows are grouped (except reading the last position of per-batch padding, below).
+EVAL_BATCH_ROWS = 64
 
 
 def scan_on_ray(inputs: LabelledInputs) -> ScanStats:
@@ -230,10 +233,12 @@ class StreamedData:
             )
             for name in PROBES
         ]
+        grouping_matters = cfg.token == "last" and cfg.padding == "batch"
+        eval_batch = per_worker if grouping_matters else max(per_worker, EVAL_BATCH_ROWS)
         final = {
             split: ShardLoader(
                 ray.train.get_dataset_shard("train_full" if split == "train" else split),
-                per_worker,
+                eval_batch,
                 max_length,
                 pad_to,
             )

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,29 +134,29 @@ class ScoreSummary:
     rows: int
     scored: int
     errored: int
-    spam_share: float
+    label_shares: dict[str, float]  # share of the scored rows per label, most common first
     seconds: float
     output: str
 
     def __str__(self) -> str:
+        shares = ", ".join(f"{label} {share:.1%}" for label, share in self.label_shares.items())
         return (
             f"Read {self.rows:,} rows: {self.scored:,} scored, {self.errored:,} errored; "
-            f"{self.spam_share:.1%} labelled spam; {self.rows / self.seconds:,.0f} rows/s "
+            f"labels: {shares or 'none'}; {self.rows / self.seconds:,.0f} rows/s "
             f"({self.seconds:.1f} s); output: {self.output}"
         )
 
 
 def summarize(output: str, seconds: float) -> ScoreSummary:
     """Counts from the written files (the label column, streamed): never held in memory."""
-    rows = scored = spam = 0
+    rows = 0
+    counts: Counter = Counter()
     for batch in pa_ds.dataset(output, format="parquet").to_batches(columns=["label"]):
-        labels = batch.column("label")
         rows += batch.num_rows
-        scored += batch.num_rows - labels.null_count
-        spam += sum(1 for label in labels.to_pylist() if label == "spam")
-    return ScoreSummary(
-        rows, scored, rows - scored, spam / scored if scored else 0.0, seconds, output
-    )
+        counts.update(label for label in batch.column("label").to_pylist() if label is not None)
+    scored = sum(counts.values())
+    shares = {label: n / scored for label, n in counts.most_common()}
+    return ScoreSummary(rows, scored, rows - scored, shares, seconds, output)
 
 
 def write_success(output: str, summary: ScoreSummary) -> None:

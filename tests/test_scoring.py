@@ -181,7 +181,8 @@ def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
     ]
     assert main(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "Read 3 rows: 2 scored, 1 errored; 50.0% labelled spam" in line
+    assert "Read 3 rows: 2 scored, 1 errored; labels: " in line
+    assert "spam 50.0%" in line and "not spam 50.0%" in line
     assert "rows/s" in line and str(tmp_path / "out") in line
     assert main(args) == 2  # the output exists now
     assert "--overwrite" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""Training benchmarks: in-process against streamed Ray Train, and memory against data size.
+
+    python benchmarks/train.py [--sections throughput memory] [--rows 200000 2000000]
+
+throughput: the ``tiny`` preset on the chapter's data, 5 epochs, training examples per
+    second (examples seen / training-loop seconds) of ``spam-gpt train`` in process, and
+    with rows streamed through Ray Data to one Ray Train worker (both cores) and to two
+    (DistributedDataParallel, a core each).
+memory: a labelled Parquet set of the corpus repeated to each ``--rows`` (files of
+    100,000 rows), ``--workers 2 --max-steps 300``; the peak resident memory of the driver
+    and of each Ray Train worker, which must not grow with the data.
+
+Each run is a fresh ``spam-gpt`` process with its own local Ray. Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+
+FILE_ROWS = 100_000
+
+
+def run_train(out: Path, *args: str) -> tuple[dict, float]:
+    """``spam-gpt train`` in a child process that reports its own peak memory."""
+    code = (
+        "import json, resource, sys\n"
+        "from spam_gpt.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print('PEAK_RSS_MB', peak)\n"
+        "sys.exit(code)\n"
+    )
+    uri = f"sqlite:///{out.parent / 'mlflow.db'}"
+    command = [sys.executable, "-c", code, "train", "--preset", "tiny", "--output", str(out)]
+    if "--workers" in args:
+        command += ["--tracking-uri", uri, "--register-as", ""]
+    started = time.perf_counter()
+    done = subprocess.run([*command, *args], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    marker = next(line for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_MB"))
+    peak = float(marker.split()[1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics | {"driver_peak_rss_mb": peak}, wall
+
+
+def throughput(folder: Path) -> None:
+    print("| run | examples seen | training s | examples/s | test accuracy | wall s |")
+    print("|---|---|---|---|---|---|")
+    rates = {}
+    runs = {
+        "in-process": (),
+        "1 Ray worker, streamed": ("--workers", "1", "--cpus-per-worker", "2"),
+        "2 Ray workers, streamed": ("--workers", "2"),
+    }
+    for name, args in runs.items():
+        metrics, wall = run_train(folder / name.split(",")[0].replace(" ", "-"), *args)
+        seen = metrics["history"]["examples_seen"]
+        rates[name] = seen / metrics["training_seconds"]
+        print(
+            f"| {name} | {seen:,} | {metrics['training_seconds']:.1f} | {rates[name]:,.0f} | "
+            f"{metrics['test_accuracy']:.2%} | {wall:.0f} |"
+        )
+    base = rates["in-process"]
+    print(", ".join(f"{name} / in-process: {rate / base:.2f}x" for name, rate in rates.items()))
+
+
+def write_labelled(folder: Path, rows: int) -> Path:
+    """The corpus (ham/spam) repeated to ``rows`` rows, in files of 100,000."""
+    corpus = parse_collection(bundled_corpus_bytes())
+    texts, labels = corpus["Text"].tolist(), corpus["Label"].tolist()
+    target = folder / f"labelled-{rows}"
+    target.mkdir()
+    for start in range(0, rows, FILE_ROWS):
+        count = min(FILE_ROWS, rows - start)
+        index = [(start + i) % len(texts) for i in range(count)]
+        table = pa.table({"text": [texts[i] for i in index], "label": [labels[i] for i in index]})
+        pq.write_table(table, target / f"part-{start // FILE_ROWS:04d}.parquet")
+    return target
+
+
+def memory(folder: Path, sizes: list[int], max_steps: int) -> None:
+    print("| rows | driver peak MiB | worker peak MiB | train rows | wall s |")
+    print("|---|---|---|---|---|")
+    peaks = {}
+    for rows in sizes:
+        data = write_labelled(folder, rows)
+        args = ("--workers", "2", "--max-steps", str(max_steps), "--data", str(data))
+        metrics, wall = run_train(folder / f"run-{rows}", *args)
+        workers = metrics["worker_peak_rss_mb"]
+        peaks[rows] = (metrics["driver_peak_rss_mb"], max(workers))
+        train_rows = metrics["history"]["examples_seen"]
+        print(
+            f"| {rows:,} | {metrics['driver_peak_rss_mb']:,.0f} | "
+            f"{' / '.join(f'{w:,.0f}' for w in workers)} | {train_rows:,} | {wall:.0f} |"
+        )
+    small, large = min(sizes), max(sizes)
+    print(
+        f"\n{large:,} rows / {small:,} rows: driver {peaks[large][0] / peaks[small][0]:.2f}x, "
+        f"workers {peaks[large][1] / peaks[small][1]:.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["throughput", "memory"])
+    parser.add_argument("--rows", nargs="+", type=int, default=[200_000, 2_000_000])
+    parser.add_argument("--max-steps", type=int, default=300)
+    args = parser.parse_args()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {platform.processor() or ''} "
+        f"python {platform.python_version()}, benchmark process peak "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if "throughput" in args.sections:
+            throughput(Path(tmp))
+        if "memory" in args.sections:
+            memory(Path(tmp), sorted(args.rows), args.max_steps)
+
+
+if __name__ == "__main__":
+    main()
