@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from spam_gpt.demo import CHAPTER_EXAMPLES
 from spam_gpt.server import wait_until_healthy
 
 PLOTS = ("loss-plot.png", "accuracy-plot.png", "confusion-matrix.png")
-MESSAGE = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def screenshot_page(url: str, target: Path) -> None:
     driver = webdriver.Chrome(service=service, options=options)
     try:
         driver.get(url + "/")
-        driver.find_element(By.ID, "text").send_keys(MESSAGE)
+        driver.find_element(By.ID, "text").send_keys(CHAPTER_EXAMPLES[0])
         driver.find_element(By.ID, "submit").click()
         WebDriverWait(driver, 60).until(
             expected_conditions.presence_of_element_located((By.ID, "label"))
