@@ -1,6 +1,12 @@
-"""Training benchmarks: in-process against streamed Ray Train, and memory against data size.
+"""Training benchmarks: seconds per epoch of the recipes, in-process against streamed Ray
+Train, and memory against data size.
 
-    python benchmarks/train.py [--sections throughput memory] [--rows 200000 2000000]
+    python benchmarks/train.py [--sections epochs throughput memory] [--rows 200000 2000000]
+
+epochs: gpt2-small with random weights (speed does not depend on them), one epoch on the
+    chapter's data, in process: ``chapter`` (padded to 120, last token), ``fast`` padded
+    per batch (``--packing off``, as before packing), ``fast`` packed, and packed with
+    ``--precision bf16``; then the ``tiny`` preset's 5 epochs padded per batch and packed.
 
 throughput: the ``tiny`` preset on the chapter's data, 5 epochs, training examples per
     second (examples seen / training-loop seconds) of ``spam-gpt train`` in process, and
@@ -33,18 +39,19 @@ from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
 FILE_ROWS = 100_000
 
 
-def run_train(out: Path, *args: str) -> tuple[dict, float]:
+def run_train(out: Path, *args: str, preset: str = "tiny") -> tuple[dict, float]:
     """``spam-gpt train`` in a child process that reports its own peak memory."""
     code = (
-        "import json, resource, sys\n"
+        "import sys\n"
         "from spam_gpt.cli import main\n"
+        "from spam_gpt.memory import PeakMemory, peak_rss_mb\n"
+        "memory = PeakMemory()\n"
         "code = main(sys.argv[1:])\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print('PEAK_RSS_MB', peak)\n"
+        "print('PEAK_MB', memory.stop(), peak_rss_mb())\n"
         "sys.exit(code)\n"
     )
     uri = f"sqlite:///{out.parent / 'mlflow.db'}"
-    command = [sys.executable, "-c", code, "train", "--preset", "tiny", "--output", str(out)]
+    command = [sys.executable, "-c", code, "train", "--preset", preset, "--output", str(out)]
     if "--workers" in args:
         command += ["--tracking-uri", uri, "--register-as", ""]
     started = time.perf_counter()
@@ -52,10 +59,40 @@ def run_train(out: Path, *args: str) -> tuple[dict, float]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    marker = next(line for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_MB"))
-    peak = float(marker.split()[1])
+    marker = next(line for line in done.stdout.splitlines() if line.startswith("PEAK_MB"))
+    private, rss = map(float, marker.split()[1:])
     metrics = json.loads((out / "metrics.json").read_text())
-    return metrics | {"driver_peak_rss_mb": peak}, wall
+    return metrics | {"driver_peak_private_mb": private, "driver_peak_rss_mb": rss}, wall
+
+
+EPOCH_RUNS = {
+    "chapter": ("chapter", ()),
+    "fast, padded per batch (before)": ("fast", ("--packing", "off")),
+    "fast, packed": ("fast", ()),
+    "fast, packed, bf16": ("fast", ("--precision", "bf16")),
+}
+
+
+def epochs(folder: Path) -> None:
+    print("| gpt2-small, 1 epoch | seconds | vs chapter | test accuracy |")
+    print("|---|---|---|---|")
+    seconds = {}
+    for k, (name, (preset, args)) in enumerate(EPOCH_RUNS.items()):
+        extra = ("--weights", "random", "--model", "gpt2-small", "--epochs", "1", *args)
+        metrics, _ = run_train(folder / f"epoch-{k}", *extra, preset=preset)
+        seconds[name] = metrics["training_seconds"]
+        print(
+            f"| {name} | {seconds[name]:.1f} | {seconds['chapter'] / seconds[name]:.2f}x | "
+            f"{metrics['test_accuracy']:.2%} |"
+        )
+    print("\n| tiny preset, 5 epochs | training seconds | test accuracy |")
+    print("|---|---|---|")
+    for k, (name, args) in enumerate(
+        (("padded per batch (before)", ("--packing", "off")), ("packed", ()))
+    ):
+        metrics, _ = run_train(folder / f"tiny-{k}", *args)
+        print(f"| {name} | {metrics['training_seconds']:.1f} | {metrics['test_accuracy']:.2%} |")
+    print()
 
 
 def throughput(folder: Path) -> None:
@@ -94,30 +131,30 @@ def write_labelled(folder: Path, rows: int) -> Path:
 
 
 def memory(folder: Path, sizes: list[int], max_steps: int) -> None:
-    print("| rows | driver peak MiB | worker peak MiB | train rows | wall s |")
+    print("| rows | driver private / RSS MiB | worker private MiB | worker RSS MiB | wall s |")
     print("|---|---|---|---|---|")
     peaks = {}
     for rows in sizes:
         data = write_labelled(folder, rows)
         args = ("--workers", "2", "--max-steps", str(max_steps), "--data", str(data))
         metrics, wall = run_train(folder / f"run-{rows}", *args)
-        workers = metrics["worker_peak_rss_mb"]
-        peaks[rows] = (metrics["driver_peak_rss_mb"], max(workers))
-        train_rows = metrics["history"]["examples_seen"]
+        private, rss = metrics["worker_peak_private_mb"], metrics["worker_peak_rss_mb"]
+        peaks[rows] = (metrics["driver_peak_private_mb"], max(private), max(rss))
         print(
-            f"| {rows:,} | {metrics['driver_peak_rss_mb']:,.0f} | "
-            f"{' / '.join(f'{w:,.0f}' for w in workers)} | {train_rows:,} | {wall:.0f} |"
+            f"| {rows:,} | {metrics['driver_peak_private_mb']:,.0f} / "
+            f"{metrics['driver_peak_rss_mb']:,.0f} | {' / '.join(f'{w:,.0f}' for w in private)} | "
+            f"{' / '.join(f'{w:,.0f}' for w in rss)} | {wall:.0f} |"
         )
-    small, large = min(sizes), max(sizes)
+    small, large = peaks[min(sizes)], peaks[max(sizes)]
     print(
-        f"\n{large:,} rows / {small:,} rows: driver {peaks[large][0] / peaks[small][0]:.2f}x, "
-        f"workers {peaks[large][1] / peaks[small][1]:.2f}x"
+        f"\n{max(sizes):,} rows / {min(sizes):,} rows: driver private {large[0] / small[0]:.2f}x, "
+        f"worker private {large[1] / small[1]:.2f}x, worker RSS {large[2] / small[2]:.2f}x"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", default=["throughput", "memory"])
+    parser.add_argument("--sections", nargs="+", default=["epochs", "throughput", "memory"])
     parser.add_argument("--rows", nargs="+", type=int, default=[200_000, 2_000_000])
     parser.add_argument("--max-steps", type=int, default=300)
     args = parser.parse_args()
@@ -127,6 +164,8 @@ def main() -> None:
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
+        if "epochs" in args.sections:
+            epochs(Path(tmp))
         if "throughput" in args.sections:
             throughput(Path(tmp))
         if "memory" in args.sections:

@@ -8,6 +8,7 @@ from torch import nn
 
 from spam_gpt.model import GPTModel
 from spam_gpt.packing import PackedBatch
+from spam_gpt.precision import autocast_for
 
 LABEL_NAMES = ("not spam", "spam")  # the chapter's labels, 0 and 1
 SPAM_LABEL = "spam"
@@ -34,11 +35,29 @@ class SpamClassifier(nn.Module):
         if token not in TOKEN_CHOICES:
             raise ValueError(f"token must be one of {TOKEN_CHOICES}, not {token!r}")
         self.token = token
+        self.precision = "auto"  # how forward autocasts: see spam_gpt.precision
         self.gpt = gpt
         if gpt.out_head.out_features != num_classes:
             gpt.out_head = nn.Linear(gpt.cfg.emb_dim, num_classes)
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        packed: PackedBatch | None = None,
+        unpack: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits per message of a padded batch; when the batch also comes ``packed``
+        (a ``last_real`` or ``first`` model), from the packed rows, which give each
+        message exactly its unpadded computation and skip the padding."""
+        with autocast_for(input_ids.device, self.precision):
+            if packed is not None:
+                if self.token == "last":
+                    raise ValueError("a model reading the last position needs its padding")
+                return self.packed_logits(packed)[unpack]
+            return self.padded_logits(input_ids, lengths)
+
+    def padded_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         hidden = self.gpt.features(input_ids)
         if self.token == "last":
             picked = hidden[:, -1, :]

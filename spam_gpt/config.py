@@ -8,8 +8,10 @@ from dataclasses import dataclass, field, fields
 from spam_gpt.classifier import TOKEN_CHOICES, TRAINABLE_CHOICES
 from spam_gpt.dataset import PADDING_MODES
 from spam_gpt.model import MODEL_CONFIGS
+from spam_gpt.precision import TRAINING_PRECISIONS
 
 RANDOM_WEIGHTS = "random"
+PACKING_MODES = ("auto", "off")
 
 
 @dataclass
@@ -35,6 +37,20 @@ class TrainConfig:
         default="fixed",
         metadata={"help": "fixed: pad to max_length (chapter); batch: pad to each batch's longest"},
     )
+    packing: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: a model reading the last real or first token trains on messages "
+            "packed into rows, computing no padding (same numbers); off: padded batches"
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 autocast on GPUs, fp32 on CPUs; bf16: autocast on CPUs too "
+            "(fast with AMX/AVX512-BF16); fp32"
+        },
+    )
     max_length: int = field(
         default=0,
         metadata={"help": "truncate messages to this many tokens (0: longest training one)"},
@@ -58,6 +74,8 @@ class TrainConfig:
             "trainable": TRAINABLE_CHOICES,
             "token": TOKEN_CHOICES,
             "padding": PADDING_MODES,
+            "packing": PACKING_MODES,
+            "precision": TRAINING_PRECISIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -75,6 +93,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def packs(self) -> bool:
+        """Whether batches also come packed: only for tokens packing leaves unchanged."""
+        return self.packing == "auto" and self.token != "last"
 
 
 PRESETS: dict[str, dict] = {

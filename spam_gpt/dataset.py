@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from spam_gpt.packing import PackedBatch, pack_sequences
 from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
 
 PADDING_MODES = ("fixed", "batch")
@@ -24,6 +25,8 @@ class Batch(NamedTuple):
     input_ids: torch.Tensor  # (batch, tokens), right-padded with 50256
     labels: torch.Tensor  # (batch,)
     lengths: torch.Tensor  # (batch,) tokens before padding, at least 1
+    packed: PackedBatch | None = None  # the same messages packed into rows, when packing
+    unpack: torch.Tensor | None = None  # puts the packed logits back in batch order
 
 
 class SpamDataset(Dataset):
@@ -67,16 +70,29 @@ def pad_token_ids(
     return torch.tensor(rows, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
 
 
+def make_batch(
+    sequences: Sequence[Sequence[int]], labels: Sequence[int], pad_to: int | None, pack: bool
+) -> Batch:
+    """Padded tensors for a batch and, with ``pack``, the same messages packed into rows
+    (see :mod:`spam_gpt.packing`), which a model reading the last real or the first
+    token computes with no padding at all."""
+    input_ids, lengths = pad_token_ids(sequences, pad_to)
+    label_tensor = torch.tensor(list(labels), dtype=torch.long)
+    if not pack:
+        return Batch(input_ids, label_tensor, lengths)
+    packed, unpack = pack_sequences([list(ids) or [PAD_TOKEN_ID] for ids in sequences])
+    return Batch(input_ids, label_tensor, lengths, packed, unpack)
+
+
 class PadCollator:
     """Collate ``(ids, label)`` pairs into a :class:`Batch` (picklable for workers)."""
 
-    def __init__(self, pad_to: int | None):
+    def __init__(self, pad_to: int | None, pack: bool = False):
         self.pad_to = pad_to
+        self.pack = pack
 
     def __call__(self, items: list[tuple[list[int], int]]) -> Batch:
-        input_ids, lengths = pad_token_ids([ids for ids, _ in items], self.pad_to)
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        return Batch(input_ids, labels, lengths)
+        return make_batch([ids for ids, _ in items], [y for _, y in items], self.pad_to, self.pack)
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -138,12 +154,15 @@ def create_loader(
     padding: str = "fixed",
     rank: int = 0,
     world_size: int = 1,
+    pack: bool = False,
 ) -> DataLoader:
-    """Training loaders shuffle and drop the last partial batch; the others keep order."""
+    """Training loaders shuffle and drop the last partial batch; the others keep order.
+    ``pack`` adds the packed rows to every batch (see :func:`make_batch`)."""
     if padding not in PADDING_MODES:
         raise ValueError(f"padding must be one of {PADDING_MODES}, not {padding!r}")
     sampler = ShardedBatchSampler(
         len(dataset), batch_size, shuffle=train, drop_last=train, rank=rank, world_size=world_size
     )
     pad_to = dataset.max_length if padding == "fixed" else None
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=PadCollator(pad_to), num_workers=0)
+    collate = PadCollator(pad_to, pack)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)

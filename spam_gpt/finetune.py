@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from spam_gpt.classifier import (
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
 from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.dataset import Batch, SpamDataset, create_loader
+from spam_gpt.memory import PeakMemory, peak_rss_mb
 from spam_gpt.model import GPTModel, init_gpt2_weights, model_config
 from spam_gpt.plots import plot_confusion_matrix, plot_history
 from spam_gpt.tokenizer import encode_text
@@ -102,6 +102,7 @@ class InMemoryData:
                 padding=cfg.padding,
                 rank=workers.rank,
                 world_size=workers.world_size,
+                pack=cfg.packs,
             )
             for name in SPLIT_NAMES
         }
@@ -158,6 +159,7 @@ def finetune(
     """Train per ``cfg`` and measure full-set accuracies and test-set per-class scores.
     ``data`` may be the chapter's split frames themselves."""
     workers = workers or Workers()
+    memory = PeakMemory()
     if isinstance(data, dict):
         data = InMemoryData(data)
     labels = list(data.labels)
@@ -167,6 +169,7 @@ def finetune(
     loaders = data.loaders(cfg, max_length, workers)
     torch.manual_seed(cfg.seed)
     classifier = SpamClassifier(gpt, token=cfg.token, num_classes=len(labels))
+    classifier.precision = cfg.precision
     set_trainable_layers(classifier, cfg.trainable)
     classifier.to(workers.device)
     model = workers.wrap(classifier)
@@ -218,7 +221,8 @@ def finetune(
         "test_accuracy": accuracy_of(confusion),
         **final_scores(confusion, labels),
         "training_seconds": training_seconds,
-        "worker_peak_rss_mb": peak_memory_per_worker(workers),
+        "worker_peak_private_mb": per_worker(memory.stop(), workers),
+        "worker_peak_rss_mb": per_worker(peak_rss_mb(), workers),
     }
     meta = ClassifierMeta(
         model_config=gpt.cfg.to_dict(),
@@ -232,11 +236,11 @@ def finetune(
     return FinetuneResult(classifier, meta, history, metrics, confusion)
 
 
-def peak_memory_per_worker(workers: Workers) -> list[float]:
-    """Each worker's peak resident memory in MiB, so a run shows what its data cost."""
-    peaks = torch.zeros(workers.world_size, dtype=torch.float64)
-    peaks[workers.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return [round(value, 1) for value in workers.reduce(peaks).tolist()]
+def per_worker(value: float, workers: Workers) -> list[float]:
+    """One number from every worker, in rank order."""
+    values = torch.zeros(workers.world_size, dtype=torch.float64)
+    values[workers.rank] = value
+    return [round(v, 1) for v in workers.reduce(values).tolist()]
 
 
 def history_dict(history: TrainingHistory) -> dict:

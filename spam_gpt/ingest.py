@@ -18,12 +18,11 @@ import pyarrow as pa
 import ray
 import ray.data
 import ray.train
-import torch
 from ray.train import DataConfig
 
 from spam_gpt.config import TrainConfig
 from spam_gpt.corpus import SPLIT_NAMES
-from spam_gpt.dataset import Batch, SpamDataset, create_loader, pad_token_ids
+from spam_gpt.dataset import Batch, SpamDataset, create_loader, make_batch
 from spam_gpt.finetune import Loaders, Workers
 from spam_gpt.labelled import (
     Columns,
@@ -161,6 +160,7 @@ class ShardLoader:
         batch_size: int,
         max_length: int,
         pad_to: int | None,
+        pack: bool,
         *,
         train: bool = False,
         steps: int | None = None,
@@ -170,6 +170,7 @@ class ShardLoader:
         self.batch_size = batch_size
         self.max_length = max_length
         self.pad_to = pad_to
+        self.pack = pack
         self.train = train
         self.steps = steps
         self.seed = seed
@@ -191,9 +192,7 @@ class ShardLoader:
         )
         for table in batches:
             sequences = [ids[: self.max_length] for ids in table.column("input_ids").to_pylist()]
-            input_ids, lengths = pad_token_ids(sequences, self.pad_to)
-            labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
-            yield Batch(input_ids, labels, lengths)
+            yield make_batch(sequences, table.column("label").to_pylist(), self.pad_to, self.pack)
 
 
 @dataclass
@@ -216,6 +215,7 @@ class StreamedData:
             per_worker,
             max_length,
             pad_to,
+            cfg.packs,
             train=True,
             steps=steps,
             seed=cfg.seed + 1000 * workers.rank,
@@ -230,6 +230,7 @@ class StreamedData:
                 padding=cfg.padding,
                 rank=workers.rank,
                 world_size=workers.world_size,
+                pack=cfg.packs,
             )
             for name in PROBES
         ]
@@ -241,6 +242,7 @@ class StreamedData:
                 eval_batch,
                 max_length,
                 pad_to,
+                cfg.packs,
             )
             for split in SPLIT_NAMES
         }

@@ -16,17 +16,9 @@ import torch
 
 from spam_gpt.checkpoint import ClassifierMeta, load_classifier
 from spam_gpt.classifier import SPAM_LABEL, SpamClassifier, is_spam_model
-from spam_gpt.dataset import PAD_TOKEN_ID
-from spam_gpt.packing import packed_batches
-from spam_gpt.tokenizer import encode_text
-from spam_gpt.training import autocast_for
-
-# bf16 weights run about 3x faster on CPUs with AVX512-BF16 or AMX (and on GPUs), with
-# spam probabilities within about 0.01 of fp32's; fp32 matches training exactly.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Packed row length: longer rows pay for attention across the whole row (masked), shorter
-# ones waste their tails; 128 was fastest for gpt2-small on a CPU.
-ROW_TOKENS = 128
+from spam_gpt.packing import ROW_TOKENS, packed_batches
+from spam_gpt.precision import WEIGHT_DTYPES, autocast_for
+from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
 
 
 class Prediction(NamedTuple):
@@ -58,10 +50,14 @@ class Predictor:
         precision: str = "fp32",
         max_tokens: int | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"precision must be one of {', '.join(WEIGHT_DTYPES)}, not {precision!r}"
+            )
         self.device = torch.device(device)
-        self.classifier = classifier.to(self.device, PRECISIONS[precision]).eval()
+        self.precision = precision
+        # bf16 weights: about 3x faster on CPUs with AMX, probabilities within about 0.01.
+        self.classifier = classifier.to(self.device, WEIGHT_DTYPES[precision]).eval()
         self.meta = meta
         self.max_tokens = max_tokens or default_max_tokens(classifier.gpt.cfg.emb_dim)
         context = classifier.gpt.cfg.context_length
@@ -84,7 +80,7 @@ class Predictor:
         probabilities: list[list[float]] = [[]] * len(sequences)
         with torch.inference_mode():
             for order, batch in packed_batches(sequences, self.row_tokens, self.max_tokens):
-                with autocast_for(self.device):
+                with autocast_for(self.device, self.precision):
                     logits = self.classifier.packed_logits(batch.to(self.device))
                 rows = torch.softmax(logits.float(), dim=-1).cpu().tolist()
                 for i, row in zip(order, rows):

@@ -57,8 +57,9 @@ def final_metric_values(metrics: dict) -> dict[str, float]:
     for label, scores in metrics["per_class"].items():
         for score in ("precision", "recall", "f1"):
             values[f"{score}/{metric_key(label)}"] = float(scores[score])
-    for rank, peak in enumerate(metrics.get("worker_peak_rss_mb", [])):
-        values[f"peak_rss_mb/worker_{rank}"] = float(peak)
+    for key in ("worker_peak_private_mb", "worker_peak_rss_mb"):
+        for rank, peak in enumerate(metrics.get(key, [])):
+            values[f"{key.removeprefix('worker_')}/worker_{rank}"] = float(peak)
     return values
 
 

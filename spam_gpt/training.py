@@ -8,7 +8,6 @@ numbers over all workers' data.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,13 +30,6 @@ def local_only(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs; full precision on CPUs, where bf16 is slower."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def say(line: str) -> None:
     """Print a line straight to stdout. Ray Train patches ``print`` in its workers to log
     and also echo, which would show every line twice."""
@@ -46,8 +38,10 @@ def say(line: str) -> None:
 
 
 def batch_logits(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    with autocast_for(device):
-        return model(batch.input_ids.to(device), batch.lengths.to(device)).float()
+    packed = None if batch.packed is None else batch.packed.to(device)
+    unpack = None if batch.unpack is None else batch.unpack.to(device)
+    logits = model(batch.input_ids.to(device), batch.lengths.to(device), packed, unpack)
+    return logits.float()
 
 
 def calc_loss_batch(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:

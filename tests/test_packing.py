@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import random
 
+import pandas as pd
 import pytest
 import torch
 
 from spam_gpt.checkpoint import ClassifierMeta
 from spam_gpt.classifier import SpamClassifier
+from spam_gpt.config import resolve_config
+from spam_gpt.dataset import SpamDataset, create_loader, make_batch
 from spam_gpt.model import GPTConfig, GPTModel, init_gpt2_weights
 from spam_gpt.packing import pack_rows, packed_batch, packed_batches
 from spam_gpt.predictor import Predictor
+from spam_gpt.training import calc_loss_batch, calc_loss_loader, confusion_matrix_loader
 
 CONFIG = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2)
 
@@ -80,3 +84,51 @@ def test_predictions_do_not_depend_on_the_company_a_message_keeps():
     alone = [predictor.class_probabilities(predictor.tokenize([text]))[0][1] for text in texts]
     assert together == pytest.approx(alone, abs=1e-6)
     assert len({round(p, 4) for p in together}) == 4  # the messages really differ
+
+
+@pytest.mark.parametrize("token", ["last_real", "first"])
+def test_packed_training_loss_and_gradients_equal_per_batch_padding(token):
+    """What `fast` trains on: the same loss and the same gradient, to 1e-5, as padding
+    each batch to its longest message."""
+    messages = random_messages(8, 60, seed=3)
+    labels = [i % 2 for i in range(8)]
+    results = []
+    for pack in (False, True):
+        model = classifier(token).train()
+        batch = make_batch(messages, labels, pad_to=None, pack=pack)
+        assert (batch.packed is not None) == pack
+        loss = calc_loss_batch(batch, model, torch.device("cpu"))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert padded_grads["gpt.trf_blocks.0.att.W_query.weight"].abs().sum() > 0
+
+
+def test_packed_evaluation_counts_what_padded_evaluation_counts():
+    model = classifier("last_real")
+    dataset = SpamDataset(
+        pd.DataFrame(
+            {
+                "Text": [f"message number {i} " * (i % 9 + 1) for i in range(50)],
+                "Label": [i % 2 for i in range(50)],
+            }
+        )
+    )
+    loaders = [create_loader(dataset, 8, train=False, padding="batch", pack=p) for p in (0, 1)]
+    device = torch.device("cpu")
+    confusions = [confusion_matrix_loader(loader, model, device) for loader in loaders]
+    assert torch.equal(confusions[0], confusions[1]) and confusions[0].sum() == 50
+    losses = [calc_loss_loader(loader, model, device, 4) for loader in loaders]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_only_tokens_that_packing_leaves_unchanged_are_packed():
+    assert resolve_config("fast").packs and resolve_config("tiny").packs
+    assert not resolve_config("chapter").packs
+    assert not resolve_config("fast", {"packing": "off"}).packs
+    batch = make_batch([[1, 2, 3]], [0], pad_to=None, pack=True)
+    with pytest.raises(ValueError, match="needs its padding"):
+        classifier("last")(batch.input_ids, batch.lengths, batch.packed, batch.unpack)
