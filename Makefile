@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-output
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser demo test lint mutation pictures clean
 
 setup: $(VENV)/.installed
 
@@ -33,9 +33,22 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
+# Not part of `make test` (slow): every listed architectural slip must fail the parity tests,
+# then mutmut's mutants of the loader and the model (see pyproject.toml, [tool.mutmut]).
+mutation: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,mutation]'
+	$(BIN)/python scripts/check_slips.py
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results --all true
+
+# The README's pictures from a demo run: plots and a screenshot of the web page.
+pictures: demo browser
+	$(BIN)/python scripts/readme_pictures.py --demo-output $(DEMO_DIR) --out docs
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache mutants

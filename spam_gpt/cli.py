@@ -370,6 +370,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
         new_job,
         prepare_data,
         run_job,
+        weights_for_workers,
     )
     from spam_gpt.tracking import absolute_tracking_uri
 
@@ -385,6 +386,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
     connect_for_training(args.address, workers, cpus, args.runtime_env)
     inputs, plan = prepare_data(spec)
     report_data(plan)
+    weights = weights_for_workers((TrainConfig(**job.config) if args.resume else cfg).weights)
     if not args.resume:
         job = new_job(
             cfg,
@@ -402,7 +404,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
         )
     print(f"MLflow run {job.run_id} in experiment {job.experiment!r} at {job.tracking_uri}")
     try:
-        metrics = run_job(job, inputs, plan)
+        metrics = run_job(job, inputs, plan, weights)
     except TrainingFailedError as error:
         print(
             f"spam-gpt train: training failed ({type(error).__name__}); continue it with "

@@ -36,14 +36,11 @@ def free_port(preferred: int) -> int:
 
 
 def pretrained_weights_here() -> str | None:
-    """gpt2-small weights already on this machine (Hugging Face or spam-gpt cache)."""
-    from spam_gpt.weights import find_in_hf_cache, is_weights_folder, spam_gpt_cache_dir
+    """gpt2-small weights already in this machine's Hugging Face cache (no network)."""
+    from spam_gpt.weights import cached_weights
 
-    cached = find_in_hf_cache("openai-community/gpt2")
-    if cached is not None:
-        return str(cached)
-    ours = spam_gpt_cache_dir() / "weights" / "openai-community--gpt2"
-    return str(ours) if is_weights_folder(ours) else None
+    cached = cached_weights("gpt2-small")
+    return None if cached is None else str(cached)
 
 
 def run_demo(out: Path, port: int) -> None:

@@ -10,6 +10,7 @@ only worker that writes to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,9 +28,15 @@ from mlflow import MlflowClient
 from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from spam_gpt.config import TrainConfig
+from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
 from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.finetune import Workers, finetune, write_outputs
+from spam_gpt.handed_weights import (
+    HandedWeights,
+    cluster_has_other_nodes,
+    hand_over,
+    local_weights,
+)
 from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, training_datasets
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
 from spam_gpt.ray_cluster import connect, require_cpus
@@ -101,6 +108,9 @@ def train_worker(loop_config: dict) -> None:
     """The training function each Ray Train worker runs."""
     job = TrainJob(**loop_config["job"])
     data = StreamedData(**loop_config["data"])
+    cfg = TrainConfig(**job.config)
+    if loop_config["weights"] is not None:
+        cfg = dataclasses.replace(cfg, weights=str(local_weights(loop_config["weights"])))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.cpus_per_worker)
@@ -131,7 +141,7 @@ def train_worker(loop_config: dict) -> None:
         wrap=ray.train.torch.prepare_model,
     )
     result = finetune(
-        TrainConfig(**job.config),
+        cfg,
         data,
         workers,
         resume=resume,
@@ -236,15 +246,25 @@ def find_job(reference: str, tracking_uri: str) -> TrainJob:
     return TrainJob(**{**fields, "run_id": reference})
 
 
-def run_job(job: TrainJob, inputs: LabelledInputs, plan: SplitPlan) -> dict:
-    """Run (or continue) ``job`` on the connected Ray; copy its outputs to ``job.output``."""
+def weights_for_workers(source: str) -> HandedWeights | None:
+    """Resolve (and download) pretrained weights here, once for all workers."""
+    if source == RANDOM_WEIGHTS:
+        return None
+    return hand_over(source, share=cluster_has_other_nodes())
+
+
+def run_job(
+    job: TrainJob, inputs: LabelledInputs, plan: SplitPlan, weights: HandedWeights | None = None
+) -> dict:
+    """Run (or continue) ``job`` on the connected Ray; copy its outputs to ``job.output``.
+    ``weights``: the pretrained weights :func:`weights_for_workers` resolved."""
     client = MlflowClient(job.tracking_uri)
     client.update_run(job.run_id, status="RUNNING")
     cfg = TrainConfig(**job.config)
     data = StreamedData(plan.labels, plan.longest, plan.split_rows("train"))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": asdict(job), "data": asdict(data)},
+        train_loop_config={"job": asdict(job), "data": asdict(data), "weights": weights},
         datasets=training_datasets(inputs, plan, cfg),
         dataset_config=StreamSplitConfig(),
         scaling_config=ScalingConfig(
@@ -288,6 +308,6 @@ def prepare_data(spec: DataSpec | None) -> tuple[LabelledInputs, SplitPlan]:
 
 
 def forwarded_env() -> dict[str, str]:
-    """Settings the workers must share with the driver (weights cache, offline mode)."""
-    names = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "SPAM_GPT_CACHE")
+    """Settings the workers must share with the driver (Hugging Face cache, offline mode)."""
+    names = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT")
     return {name: os.environ[name] for name in names if name in os.environ}

@@ -1,20 +1,30 @@
 """Pretrained GPT-2 weights in the Hugging Face layout, loaded into the chapter's GPT.
 
-A weights source is a folder (``config.json`` + ``model.safetensors``, or a sharded
-``model.safetensors.index.json``), a model name found in the local Hugging Face cache,
-or a name downloaded from the Hub when online. Safetensors only: nothing is unpickled.
+A weights source is a folder (``config.json`` with ``model.safetensors``, or a sharded
+``model.safetensors.index.json``), or a Hub repository: a short name (``gpt2-small`` …
+``gpt2-xl``) or a repository id, with an optional ``@revision`` (branch, tag or commit).
+Repositories are fetched with ``huggingface_hub`` into the standard Hugging Face cache,
+the one transformers shares, so ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE``
+and ``HF_HUB_OFFLINE`` mean what they mean there, and only the files the loader reads are
+fetched (the config first, so a repository of another architecture costs no download).
+Safetensors only: nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import urllib.request
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from spam_gpt.model import GPTConfig, GPTModel
 
@@ -25,102 +35,120 @@ HUB_NAMES = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+WEIGHT_FILES = (INDEX_FILE, SINGLE_FILE)
 
 
 class WeightsNotFound(FileNotFoundError):
     """No weights could be found or fetched; the message says how to provide them."""
 
 
-def hub_repo(name: str) -> str:
-    """``gpt2-small`` and ``gpt2`` both mean ``openai-community/gpt2``."""
-    return HUB_NAMES.get(name, name)
-
-
-def hf_cache_dir() -> Path:
-    if "HF_HUB_CACHE" in os.environ:
-        return Path(os.environ["HF_HUB_CACHE"])
-    hf_home = os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")
-    return Path(hf_home) / "hub"
-
-
-def spam_gpt_cache_dir() -> Path:
-    return Path(os.environ.get("SPAM_GPT_CACHE", Path.home() / ".cache" / "spam-gpt"))
+def hub_reference(name: str) -> tuple[str, str | None]:
+    """``org/model@revision`` as (repository id, revision); ``gpt2-small`` and ``gpt2``
+    both mean ``openai-community/gpt2``."""
+    repo, _, revision = name.partition("@")
+    return HUB_NAMES.get(repo, repo), revision or None
 
 
 def is_weights_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+    return (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
 
-def find_in_hf_cache(repo: str) -> Path | None:
-    """The snapshot ``refs/main`` points at, else any complete snapshot, of ``repo``."""
-    aliases = {repo, repo.removeprefix("openai-community/")}
-    for alias in sorted(aliases):
-        repo_dir = hf_cache_dir() / f"models--{alias.replace('/', '--')}"
-        ref = repo_dir / "refs" / "main"
-        candidates = [repo_dir / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
-        candidates += sorted((repo_dir / "snapshots").glob("*"))
-        for snapshot in candidates:
-            if is_weights_folder(snapshot):
-                return snapshot
-    return None
+def check_gpt2_config(config: Path, origin: str) -> None:
+    """Refuse another architecture before any weights are read or fetched."""
+    hf = json.loads(config.read_text())
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        found = ", ".join(hf.get("architectures") or []) or model_type
+        raise WeightsNotFound(
+            f"{origin} holds a {model_type!r} model ({found}), not GPT-2; --weights needs a "
+            "GPT-2-architecture model in safetensors (gpt2-small … gpt2-xl, or one of your own)"
+        )
 
 
-def download_weights(repo: str) -> Path:
-    """Fetch ``config.json`` and ``model.safetensors`` of ``repo`` from the Hub."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    target = spam_gpt_cache_dir() / "weights" / repo.replace("/", "--")
-    if is_weights_folder(target):
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        url = f"{endpoint}/{repo}/resolve/main/{name}"
-        partial = target / f"{name}.partial"
-        with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"{repo}/{name}") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        partial.rename(target / name)
-    return target
+def fetch(repo: str, revision: str | None, filename: str, local_only: bool = False) -> Path:
+    return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_only))
+
+
+def fetch_weight_files(repo: str, revision: str | None, local_only: bool = False) -> Path:
+    """The snapshot folder holding the config and every safetensors file of ``repo``:
+    the shards a ``model.safetensors.index.json`` names, else ``model.safetensors``."""
+    fetch(repo, revision, CONFIG_FILE, local_only)
+    try:
+        index = fetch(repo, revision, INDEX_FILE, local_only)
+    except RemoteEntryNotFoundError:
+        return fetch(repo, revision, SINGLE_FILE, local_only).parent
+    except LocalEntryNotFoundError:
+        if not knows_missing(repo, revision):
+            raise
+        return fetch(repo, revision, SINGLE_FILE, local_only).parent
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        fetch(repo, revision, shard, local_only)
+    return index.parent
+
+
+def knows_missing(repo: str, revision: str | None) -> bool:
+    """The cache recorded that ``repo`` has no shard index (a single-file checkpoint)."""
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    return try_to_load_from_cache(repo, INDEX_FILE, revision=revision) is _CACHED_NO_EXIST
 
 
 def resolve_weights(source: str) -> Path:
-    """A folder holding HF-layout weights for ``source`` (a path or a model name)."""
+    """A folder holding HF-layout weights for ``source`` (a path or a Hub reference)."""
     path = Path(source).expanduser()
     if path.exists():
         if is_weights_folder(path):
+            check_gpt2_config(path / CONFIG_FILE, str(path))
             return path
         raise WeightsNotFound(
             f"{path} has no config.json with model.safetensors; point --weights at a folder "
             "laid out like a Hugging Face GPT-2 repository"
         )
-    repo = hub_repo(source)
-    cached = find_in_hf_cache(repo)
-    if cached is not None:
-        return cached
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
-    reason = "HF_HUB_OFFLINE is set"
-    if not offline:
-        try:
-            return download_weights(repo)
-        except OSError as error:
-            reason = f"download failed: {error}"
+    repo, revision = hub_reference(source)
+    at = f"{repo}@{revision}" if revision else repo
+    try:
+        check_gpt2_config(fetch(repo, revision, CONFIG_FILE), at)
+        return fetch_weight_files(repo, revision)
+    except WeightsNotFound:
+        raise
+    except RevisionNotFoundError:
+        raise WeightsNotFound(
+            f"{repo} has no revision {revision!r} (a branch, tag or commit)"
+        ) from None
+    except RepositoryNotFoundError:
+        reason = (
+            f"no repository {repo!r} on the Hub, or it is private or gated and no token with "
+            "access was sent (set HF_TOKEN or run `hf auth login`)"
+        )
+    except RemoteEntryNotFoundError:
+        reason = f"{at} has no {CONFIG_FILE} with {SINGLE_FILE}: not a safetensors GPT-2"
+    except LocalEntryNotFoundError:
+        reason = "not in the Hugging Face cache, and offline (HF_HUB_OFFLINE) or unreachable"
+    except (HfHubHTTPError, OSError) as error:
+        reason = f"download failed: {error}"
     raise WeightsNotFound(
-        f"no weights for {source!r}: not a folder, not in the Hugging Face cache "
-        f"({hf_cache_dir()}), and not downloadable ({reason}). Provide them with --weights "
+        f"no weights for {source!r}: not a folder; {reason}. Provide them with --weights "
         f"PATH (a folder with config.json and model.safetensors, e.g. from `hf download "
         f"{repo}` on a machine that is online), or train from scratch with --weights random "
         "(the `tiny` preset does)"
-    )
+    ) from None
+
+
+def cached_weights(name: str) -> Path | None:
+    """The weights of a Hub reference if they are in the local cache (no network)."""
+    repo, revision = hub_reference(name)
+    try:
+        return fetch_weight_files(repo, revision, local_only=True)
+    except LocalEntryNotFoundError:
+        return None
 
 
 def read_hf_config(folder: Path, drop_rate: float = 0.0) -> GPTConfig:
     """Translate a GPT-2 ``config.json`` into the chapter's config."""
-    hf = json.loads((folder / "config.json").read_text())
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{folder}/config.json describes a {hf['model_type']!r} model, not GPT-2")
+    hf = json.loads((folder / CONFIG_FILE).read_text())
     activation = hf.get("activation_function", "gelu_new")
     if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
         raise ValueError(f"{folder}: activation {activation!r} is not GPT-2's tanh GELU")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -17,6 +19,30 @@ from pathlib import Path
 import pytest
 
 from spam_gpt.cli import main
+
+from .fake_hub import FakeHub
+
+# Settings a user's shell may hold that would change what the suite does: it sets what it
+# depends on itself. Cleared before collection, so every subprocess and Ray worker inherits
+# the same neutral environment; the Hugging Face cache is an empty folder of the session.
+SHELL_SETTINGS = (
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+    "SPAM_GPT_CONFIG",
+    "TIKTOKEN_CACHE_DIR",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in SHELL_SETTINGS:
+        os.environ.pop(name, None)
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="spam-gpt-tests-hf-home-")
+
 
 CHAPTER_SPAM = (
     "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
@@ -42,6 +68,46 @@ def hf_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256)
     folder = tmp_path_factory.mktemp("hf-gpt2")
     GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def real_scale_gpt2(seed: int = 0):
+    """A random GPT-2 whose every tensor is distinct and non-trivial and whose hidden
+    states reach the size real GPT-2's do: biases and LayerNorm shifts drawn from N(0, 0.5),
+    LayerNorm scales from U(0.5, 3), weights from N(0, 0.3), small embeddings (N(0, 0.1),
+    positions N(0, 0.05)) as GPT-2's are. transformers' own initialisation (std 0.02, zero
+    biases, unit LayerNorms) keeps activations where the tanh and exact GELUs agree and
+    hides any bias or LayerNorm parameter taken from the wrong tensor; this one does not.
+    Its residual stream measures about 150 after the first block and 230 after the second
+    (``test_the_real_scale_model_has_real_scale_activations``)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256)).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                if name.endswith("weight"):
+                    tensor.uniform_(0.5, 3.0, generator=generator)
+                else:
+                    tensor.normal_(0, 0.5, generator=generator)
+            elif name.endswith("wte.weight"):
+                tensor.normal_(0, 0.1, generator=generator)
+            elif name.endswith("wpe.weight"):
+                tensor.normal_(0, 0.05, generator=generator)
+            else:
+                tensor.normal_(0, 0.5 if name.endswith("bias") else 0.3, generator=generator)
+            tensor.masked_fill_(tensor == 0, 1e-3)  # float32 sampling gives an exact 0 at times
+    return model
+
+
+@pytest.fixture(scope="session")
+def scaled_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`real_scale_gpt2` as ``save_pretrained`` writes it."""
+    folder = tmp_path_factory.mktemp("real-scale-gpt2")
+    real_scale_gpt2().save_pretrained(folder)
     return folder
 
 
@@ -186,3 +252,19 @@ def three_class_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for k in range(3):
         frame.iloc[k * third : (k + 1) * third].to_parquet(folder / f"part-{k}.parquet")
     return folder
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local Hub as ``HF_ENDPOINT`` and an empty Hugging Face cache, for this test
+    (huggingface_hub reads its settings when imported, so they are set on it here)."""
+    import huggingface_hub.constants as hf
+
+    fake = FakeHub()
+    monkeypatch.setattr(hf, "ENDPOINT", fake.url)
+    template = fake.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(hf, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    yield fake
+    fake.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,11 @@ from mlflow import MlflowClient
 
 from spam_gpt.cli import main
 from spam_gpt.distributed import find_job
+from spam_gpt.handed_weights import hand_over, local_weights
+from spam_gpt.weights import is_weights_folder
 
 from .conftest import CHAPTER_HAM, CHAPTER_SPAM
+from .fake_hub import hub_layout, published
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 RAY_CPUS = 3  # two training workers, and one for Ray Data streaming their rows
@@ -265,3 +269,31 @@ def test_a_job_without_a_cpu_for_ray_data_is_refused_before_any_work(tmp_path, c
     err = capsys.readouterr().err
     assert "plus one CPU for Ray Data needs 4 CPUs; the Ray cluster has 3" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_weights_are_fetched_once_for_all_workers(
+    tmp_path, mlflow_server, hub, scaled_gpt2_dir
+):
+    """The driver resolves ``--weights`` through the Hub; the workers, which could not
+    reach this Hub (its address is set in this process only), read the driver's files."""
+    hub.repo("team/sms-gpt2").add(published(scaled_gpt2_dir, tmp_path))
+    out = tmp_path / "run"
+    args = ("--weights", "team/sms-gpt2", "--max-steps", "4", "--register-as", "")
+    assert train(out, mlflow_server, "hub-weights", *args) == 0
+    assert hub.downloads("model.safetensors") == 1 and hub.downloads("config.json") == 1
+    run = only_run(MlflowClient(mlflow_server), "hub-weights")
+    assert run.data.params["weights"] == "team/sms-gpt2"
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0
+
+
+def test_weights_reach_a_node_that_cannot_see_the_drivers_folder(tmp_path, scaled_gpt2_dir):
+    """On a cluster of several nodes the files travel through the object store."""
+    folder = hub_layout(scaled_gpt2_dir, tmp_path / "snapshot")
+    handed = hand_over(str(folder), share=True)
+    (tmp_path / "snapshot").rename(tmp_path / "elsewhere")  # as another node sees it
+    copied = local_weights(handed)
+    assert copied != folder and is_weights_folder(copied)
+    for name in ("config.json", "model.safetensors"):
+        assert (copied / name).read_bytes() == (tmp_path / "elsewhere" / name).read_bytes()
+    assert local_weights(handed) == copied  # once per node
+    shutil.rmtree(copied)
