@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spam_gpt import __version__
+from spam_gpt import __version__, console
 from spam_gpt.config import PRESETS, TrainConfig
 
 EXAMPLES = """examples:
@@ -182,6 +182,11 @@ def add_cluster_options(parser) -> None:
         metavar="JSON",
         help='Ray runtime environment when joining a cluster, e.g. \'{"pip": ["torch"]}\' '
         "(jobs submitted with `ray job submit` get theirs from the submission)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and MLflow's own logs here (default: in a log file named at the end)",
     )
 
 
@@ -548,6 +553,17 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not hasattr(args, "verbose"):  # commands that start no Ray
+        return run_command(args)
+    with console.quieted(console.default_log_file(args.command), args.verbose):
+        try:
+            return run_command(args)
+        finally:
+            if logs := console.where_logs_are():
+                print(logs)
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError) as error:  # our errors say what to do

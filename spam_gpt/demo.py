@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spam_gpt import console
+
 CHAPTER_EXAMPLES = (
     "You are a winner you have been specially selected to receive $1000 cash or a $2000 award.",
     "Hey, just wanted to check if we're still on for dinner tonight? Let me know!",
@@ -44,6 +46,7 @@ def pretrained_weights_here() -> str | None:
 
 
 def run_demo(out: Path, port: int) -> None:
+    import ray
     from ray import serve
 
     from spam_gpt.config import resolve_config
@@ -51,7 +54,7 @@ def run_demo(out: Path, port: int) -> None:
     from spam_gpt.distributed import connect_for_training, new_job, prepare_data, run_job
     from spam_gpt.model_ref import pin_model_ref
     from spam_gpt.scoring import run_scoring
-    from spam_gpt.server import classify_over_http, deploy
+    from spam_gpt.server import APP_NAME, classify_over_http, deploy
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +123,7 @@ def run_demo(out: Path, port: int) -> None:
     for text in CHAPTER_EXAMPLES:
         answer = classify_over_http(url, text)
         print(f"{answer['label']:>8}  ({answer['spam_probability']:.3f})  {text}")
-    serve.shutdown()
+    serve.delete(APP_NAME)
     print(f"Endpoint at {url} stopped.")
 
     stage(5, f"done in {time.perf_counter() - started:.0f} s; where everything is:")
@@ -133,14 +136,22 @@ def run_demo(out: Path, port: int) -> None:
         f"  Serve again:   {bin_dir / 'spam-gpt'} serve --model {model_ref} "
         f"--tracking-uri {tracking_uri}"
     )
+    if logs := console.where_logs_are():
+        print(f"  {logs}")
+    ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo-output", help="where everything lands")
     parser.add_argument("--port", type=int, default=8000, help="endpoint port (default 8000)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's and MLflow's logs here too"
+    )
     args = parser.parse_args(argv)
-    run_demo(Path(args.out).resolve(), free_port(args.port))
+    out = Path(args.out).resolve()
+    with console.quieted(out / "logs" / "spam-gpt.log", args.verbose):
+        run_demo(out, free_port(args.port))
     return 0
 
 

@@ -29,6 +29,7 @@ from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, Scali
 from ray.train.torch import TorchTrainer
 
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
+from spam_gpt.console import EpochRelay
 from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.finetune import Workers, finetune, write_outputs
 from spam_gpt.handed_weights import (
@@ -41,7 +42,7 @@ from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, traini
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
 from spam_gpt.ray_cluster import connect, require_cpus
 from spam_gpt.tracking import RunLogger, git_commit, job_of_run, open_run
-from spam_gpt.training import say
+from spam_gpt.training import TrainingHistory, say
 from spam_gpt.training_state import TrainingState, load_training_state, save_training_state
 
 JOB_FILE = "job.json"
@@ -104,6 +105,19 @@ def report_epoch(history, classifier, optimizer, rank: int) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def epoch_line(history: TrainingHistory, epochs: int) -> str:
+    """One line a person reads per epoch of a Ray Train job."""
+    losses = ""
+    if history.train_losses:
+        train, val = history.train_losses[-1], history.val_losses[-1]
+        losses = f"train loss {train:.3f}, val loss {val:.3f}; "
+    stopped = " (stopped at --max-steps)" if history.stopped_at_max_steps else ""
+    return (
+        f"Epoch {history.epochs_done}/{epochs}: {losses}training accuracy "
+        f"{history.train_accs[-1]:.2%}, validation accuracy {history.val_accs[-1]:.2%}{stopped}"
+    )
+
+
 def train_worker(loop_config: dict) -> None:
     """The training function each Ray Train worker runs."""
     job = TrainJob(**loop_config["job"])
@@ -128,10 +142,14 @@ def train_worker(loop_config: dict) -> None:
             logger.note_resume(resume.history.epochs_done)
             logger.log_history(resume.history)
 
+    relay = loop_config.get("relay") if rank == 0 else None
+
     def on_epoch_end(history, classifier, optimizer) -> None:
         report_epoch(history, classifier, optimizer, rank)
         if logger:
             logger.log_history(history)
+        if relay is not None:
+            relay.put(epoch_line(history, cfg.epochs))
 
     workers = Workers(
         rank=rank,
@@ -262,9 +280,15 @@ def run_job(
     client.update_run(job.run_id, status="RUNNING")
     cfg = TrainConfig(**job.config)
     data = StreamedData(plan.labels, plan.longest, plan.split_rows("train"))
+    relay = EpochRelay(cfg.epochs)  # Ray forwards no worker output when quiet
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": asdict(job), "data": asdict(data), "weights": weights},
+        train_loop_config={
+            "job": asdict(job),
+            "data": asdict(data),
+            "weights": weights,
+            "relay": relay.queue,
+        },
         datasets=training_datasets(inputs, plan, cfg),
         dataset_config=StreamSplitConfig(),
         scaling_config=ScalingConfig(
@@ -281,7 +305,8 @@ def run_job(
         ),
     )
     try:
-        result = trainer.fit()
+        with relay:
+            result = trainer.fit()
     except (Exception, KeyboardInterrupt):
         client.set_terminated(job.run_id, status="FAILED")
         raise

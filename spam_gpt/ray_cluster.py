@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
+
+from spam_gpt import console
 
 
 def connect(
@@ -17,12 +20,18 @@ def connect(
     """
     if ray.is_initialized():
         return
+    verbose = console.CURRENT.verbose  # quiet: Ray's processes log to Ray's files only
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return
-    cpus = max(os.cpu_count() or 1, num_cpus or 1)
-    ray.init(num_cpus=cpus)
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
+    else:
+        cpus = max(os.cpu_count() or 1, num_cpus or 1)
+        # A training job starts a worker process per worker, Ray Data's and Train's actors
+        # and the progress relay at once; Ray warns past 4x this many (default: cores).
+        startup = {"worker_maximum_startup_concurrency": max(4, cpus)}
+        ray.init(num_cpus=cpus, _system_config=startup, **quiet)
+    console.mute()  # Ray Data's and Serve's loggers exist now
 
 
 def require_cpus(needed: int, what: str) -> None:

@@ -187,6 +187,8 @@ def run_scoring(
     precision: str = "fp32",
 ) -> ScoreSummary:
     """Score ``inputs`` into the Parquet folder ``output``; see the module docstring."""
+    from ray.data import ActorPoolStrategy
+
     from spam_gpt.ray_cluster import connect, require_cpus
 
     try:
@@ -226,7 +228,7 @@ def run_scoring(
         },
         batch_format="pyarrow",
         batch_size=batch_size,
-        concurrency=concurrency,
+        compute=ActorPoolStrategy(size=concurrency),
         num_cpus=cpus_per_actor,
         num_gpus=1 if gpu else 0,
     )

@@ -1,0 +1,197 @@
+"""What a person sees: spam-gpt's own lines on the terminal, everyone else's in a log file.
+
+Ray forwards every worker's and actor's output to the driver (Train's result records,
+Data's operator plans, Serve's replica logs, C++ core-worker lines) and MLflow draws
+progress bars; on a terminal that buries the product's own lines. :func:`quiet` sends the
+Python logs of Ray, MLflow and their dependencies, and Python's warnings, to a log file,
+tells Ray not to forward its processes' output (it stays in Ray's own log files) and
+MLflow not to draw progress bars unless on a terminal. ``--verbose`` skips all of it.
+
+Lines that Ray Train's rank-0 worker wants a person to read travel back through a
+:class:`Relay`, a Ray queue the driver prints from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm import tqdm
+
+NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "filelock", "py.warnings")
+
+
+class Console:
+    """Where this process's logs go: ``log_file``, or the terminal when ``verbose``."""
+
+    def __init__(self, log_file: Path | None = None, verbose: bool = False):
+        self.verbose = verbose
+        self.log_file = log_file
+
+
+CURRENT = Console(verbose=True)
+
+
+def default_log_file(command: str) -> Path:
+    """``$TMPDIR/spam-gpt/<command>-<time>.log``: one file per run, kept for reading."""
+    folder = Path(tempfile.gettempdir()) / "spam-gpt"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def quiet(log_file: Path, verbose: bool = False) -> Console:
+    """Route the libraries' logs and warnings to ``log_file`` (nothing, when ``verbose``)."""
+    global CURRENT
+    CURRENT = Console(log_file, verbose)
+    if verbose:
+        return CURRENT
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false"
+    )
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # every warning once per place, into the log
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).propagate = False
+    mute()
+    return CURRENT
+
+
+def mute() -> None:
+    """Swap the terminal handlers of the libraries' loggers for the log file. Ray Data and
+    Ray Serve install theirs when imported, so this runs again once Ray is up."""
+    if CURRENT.verbose or CURRENT.log_file is None:
+        return
+    file_handler = logging.FileHandler(CURRENT.log_file)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    loggers += [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in NOISY_LOGGERS
+    ]
+    for logger in loggers:
+        terminal = [h for h in logger.handlers if is_terminal_handler(h)]
+        for handler in terminal:
+            logger.removeHandler(handler)
+        if terminal or (logger.name in NOISY_LOGGERS and not logger.handlers):
+            logger.addHandler(file_handler)
+
+
+def is_terminal_handler(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(
+        handler, logging.FileHandler
+    )
+
+
+@contextmanager
+def quieted(log_file: Path, verbose: bool = False) -> Iterator[Console]:
+    """:func:`quiet`, and for its duration the process's file descriptor 2 (where Ray's
+    C++ core worker and child processes write) into the log file too, while Python's
+    ``sys.stderr`` (spam-gpt's errors, progress bars) still reaches the terminal."""
+    quiet(log_file, verbose)
+    if verbose:
+        yield CURRENT
+        return
+    python_stderr = sys.stderr
+    sys.stderr.flush()
+    saved = os.dup(2)
+    if python_stderr is sys.__stderr__:
+        sys.stderr = open(os.dup(saved), "w", buffering=1)  # noqa: SIM115 - closed below
+    with open(log_file, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield CURRENT
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+
+
+def where_logs_are() -> str | None:
+    """The line that ends a quiet run: where Ray's and the libraries' logs went."""
+    log_file = CURRENT.log_file
+    if CURRENT.verbose or log_file is None:
+        return None
+    ray_logs = ray_log_folder()
+    written = log_file.exists() and log_file.stat().st_size > 0
+    if not (ray_logs or written):
+        return None
+    also = f"; Ray's: {ray_logs}" if ray_logs else ""
+    return f"Logs: {log_file}{also} (--verbose shows them here)"
+
+
+def ray_log_folder() -> str | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except AttributeError:  # connected to a remote cluster: its logs are on its head node
+        return None
+
+
+class Relay:
+    """Lines from Ray workers printed by the driver, which Ray does not forward here when
+    quiet. Create on the driver, pass ``relay.queue`` to the workers, which ``put`` lines."""
+
+    def __init__(self, show: Callable[[str], None] = print):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.show = show
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.pump, daemon=True)
+        self.thread.start()
+
+    def pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not (self.stopping.is_set() and self.queue.empty()):
+            try:
+                self.show(self.queue.get(timeout=0.2))
+            except Empty:
+                continue
+
+    def close(self) -> None:
+        """Print what is left, then stop."""
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.queue.shutdown()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EpochRelay(Relay):
+    """A relay of epoch lines, which on a terminal also advance a bar of epochs."""
+
+    def __init__(self, epochs: int):
+        self.bar = tqdm(total=epochs, unit="epoch", disable=not sys.stderr.isatty(), leave=False)
+        super().__init__(show=self.epoch_done)
+
+    def epoch_done(self, line: str) -> None:
+        if self.bar.disable:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        super().close()
+        self.bar.close()
