@@ -51,6 +51,14 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
+def load_meta(folder: Path) -> ClassifierMeta:
+    """The checkpoint's description alone (labels, config), without its tensors."""
+    payload = json.loads((folder / META_FILE).read_text())
+    if payload.pop("format", None) != FORMAT:
+        raise ValueError(f"{folder / META_FILE} is not a {FORMAT} description")
+    return ClassifierMeta(**payload)
+
+
 def load_classifier(path: str | Path) -> tuple[SpamClassifier, ClassifierMeta]:
     """The classifier in eval mode and its metadata, from a folder ``save_classifier`` wrote."""
     folder = Path(path)
@@ -59,10 +67,7 @@ def load_classifier(path: str | Path) -> tuple[SpamClassifier, ClassifierMeta]:
             f"{folder} is not a spam-gpt checkpoint (it needs {META_FILE} and {WEIGHTS_FILE}); "
             "train one with `spam-gpt train --output DIR` and pass DIR/model"
         )
-    payload = json.loads((folder / META_FILE).read_text())
-    if payload.pop("format", None) != FORMAT:
-        raise ValueError(f"{folder / META_FILE} is not a {FORMAT} description")
-    meta = ClassifierMeta(**payload)
+    meta = load_meta(folder)
     gpt = GPTModel(GPTConfig(**meta.model_config))
     classifier = SpamClassifier(gpt, token=meta.token, num_classes=len(meta.labels))
     classifier.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)

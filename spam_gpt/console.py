@@ -35,6 +35,15 @@ class Console:
     def __init__(self, log_file: Path | None = None, verbose: bool = False):
         self.verbose = verbose
         self.log_file = log_file
+        self.handler: logging.Handler | None = None
+
+    def file_handler(self) -> logging.Handler:
+        if self.handler is None:
+            self.handler = logging.FileHandler(self.log_file)
+            format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+            self.handler.setFormatter(logging.Formatter(format))
+            self.handler.spam_gpt = True  # ours: a later run's mute() replaces it
+        return self.handler
 
 
 CURRENT = Console(verbose=True)
@@ -50,6 +59,8 @@ def default_log_file(command: str) -> Path:
 def quiet(log_file: Path, verbose: bool = False) -> Console:
     """Route the libraries' logs and warnings to ``log_file`` (nothing, when ``verbose``)."""
     global CURRENT
+    if CURRENT.handler is not None:
+        CURRENT.handler.close()
     CURRENT = Console(log_file, verbose)
     if verbose:
         return CURRENT
@@ -70,8 +81,7 @@ def mute() -> None:
     Ray Serve install theirs when imported, so this runs again once Ray is up."""
     if CURRENT.verbose or CURRENT.log_file is None:
         return
-    file_handler = logging.FileHandler(CURRENT.log_file)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler = CURRENT.file_handler()
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     loggers += [
         logger
@@ -80,9 +90,10 @@ def mute() -> None:
     ]
     for logger in loggers:
         terminal = [h for h in logger.handlers if is_terminal_handler(h)]
-        for handler in terminal:
+        earlier = [h for h in logger.handlers if getattr(h, "spam_gpt", False)]
+        for handler in terminal + earlier:
             logger.removeHandler(handler)
-        if terminal or (logger.name in NOISY_LOGGERS and not logger.handlers):
+        if terminal or earlier or (logger.name in NOISY_LOGGERS and not logger.handlers):
             logger.addHandler(file_handler)
 
 

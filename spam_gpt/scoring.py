@@ -18,12 +18,14 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
 
 from spam_gpt.classifier import is_spam_model
 from spam_gpt.model_ref import pin_model_ref
@@ -31,6 +33,7 @@ from spam_gpt.predictor import Prediction, Predictor
 from spam_gpt.sources import (
     DataError,
     expand_inputs,
+    filesystem_of,
     is_remote,
     local_path,
     read_files,
@@ -53,34 +56,66 @@ class ScoringError(DataError):
 
 
 def is_text_type(kind: pa.DataType) -> bool:
+    """Text as any writer stores it: string, large_string, string_view, their dictionary
+    encodings, or bytes (binary, as Hive and Impala write text), read as UTF-8."""
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    return any(
+        check(kind)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_string_view,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+            pa.types.is_binary_view,
+        )
+    )
+
+
+def message_texts(column: pa.ChunkedArray) -> tuple[list[str | None], list[str | None]]:
+    """The messages of a text column, and per row why it cannot be scored (or None)."""
+    rows = len(column)
+    if not is_text_type(column.type):
+        return [None] * rows, [f"text column is {column.type}, not a string"] * rows
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    for value in column.to_pylist():
+        error = None
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                value, error = None, "text is not valid UTF-8"
+        if value is None:
+            error = error or "text is null"
+        elif not value.strip():
+            value, error = None, "text is empty"
+        texts.append(value)
+        errors.append(error)
+    return texts, errors
 
 
 def score_table(
     predictor: Predictor, table: pa.Table, text_column: str, model_ref: str
 ) -> pa.Table:
     """``table`` with the result columns appended, row for row."""
+    texts, errors = message_texts(table.column(text_column))
+    valid = [i for i, text in enumerate(texts) if text is not None]
+    predictions: list[Prediction | None] = [None] * table.num_rows
+    for i, prediction in zip(valid, predictor.predict([texts[i] for i in valid])):
+        predictions[i] = prediction
+    return append_results(table, predictor.meta.labels, predictions, errors, model_ref)
+
+
+def append_results(
+    table: pa.Table,
+    labels: list[str],
+    predictions: list[Prediction | None],
+    errors: list[str | None],
+    model_ref: str,
+) -> pa.Table:
     rows = table.num_rows
-    labels = predictor.meta.labels
-    predictions: list[Prediction | None] = [None] * rows
-    errors: list[str | None] = [None] * rows
-    column = table.column(text_column)
-    if not is_text_type(column.type):
-        errors = [f"text column is {column.type}, not a string"] * rows
-    else:
-        texts = column.to_pylist()
-        valid = []
-        for i, text in enumerate(texts):
-            if text is None:
-                errors[i] = "text is null"
-            elif not text.strip():
-                errors[i] = "text is empty"
-            else:
-                valid.append(i)
-        for i, prediction in zip(valid, predictor.predict([texts[i] for i in valid])):
-            predictions[i] = prediction
     per_label = pa.struct([(label, pa.float64()) for label in labels])
     result = (
         table.append_column("label", pa.array([p and p.label for p in predictions], pa.string()))
@@ -97,6 +132,16 @@ def score_table(
     return result.append_column("model", pa.array([model_ref] * rows, pa.string())).append_column(
         "score_error", pa.array(errors, pa.string())
     )
+
+
+def empty_output(schema: pa.Schema, model_ref: str, tracking_uri: str | None) -> pa.Table:
+    """The output of an input with no rows: no rows, every column (the model's labels
+    decide the ``probabilities`` struct, so its description is read, not its weights)."""
+    from spam_gpt.checkpoint import load_meta
+    from spam_gpt.model_ref import resolve_model
+
+    folder, _, _ = resolve_model(model_ref, tracking_uri)
+    return append_results(schema.empty_table(), load_meta(folder).labels, [], [], model_ref)
 
 
 class SpamScorer:
@@ -161,13 +206,19 @@ def summarize(output: str, seconds: float) -> ScoreSummary:
 
 def write_success(output: str, summary: ScoreSummary) -> None:
     payload = json.dumps(asdict(summary), indent=2).encode()
-    filesystem, path = (
-        pa_fs.FileSystem.from_uri(output)
-        if is_remote(output)
-        else (pa_fs.LocalFileSystem(), local_path(output))
-    )
+    filesystem, path = filesystem_of(output)
     with filesystem.open_output_stream(f"{path}/{SUCCESS_FILE}") as stream:
         stream.write(payload)
+
+
+def write_scored(scored, output: str, empty: Callable[[], pa.Table]) -> None:
+    """Ray Data writes no file for no rows; then write ``empty()``, the output schema."""
+    scored.write_parquet(output)
+    filesystem, path = filesystem_of(output)
+    found = filesystem.get_file_info(pa_fs.FileSelector(path, allow_not_found=True))
+    if not any(info.path.endswith(".parquet") for info in found):
+        filesystem.create_dir(path)
+        pq.write_table(empty(), f"{path}/empty.parquet", filesystem=filesystem)
 
 
 def run_scoring(
@@ -233,15 +284,21 @@ def run_scoring(
         num_gpus=1 if gpu else 0,
     )
     started = time.perf_counter()
+    schema = dataset.schema()
+
+    def empty() -> pa.Table:
+        fields = pa.schema(list(zip(schema.names, schema.types)))
+        return empty_output(fields, model_ref, tracking_uri)
+
     if is_remote(output):
-        scored.write_parquet(output)
+        write_scored(scored, output, empty)
         summary = summarize(output, time.perf_counter() - started)
         write_success(output, summary)
         return summary
     target = Path(local_path(output)).resolve()
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        scored.write_parquet(str(staging))
+        write_scored(scored, str(staging), empty)
         summary = summarize(str(staging), time.perf_counter() - started)
         summary.output = str(target)
         write_success(str(staging), summary)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -140,7 +141,9 @@ def read_files(
 
     shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
     if fmt == "parquet":
-        return ray.data.read_parquet(paths, shuffle=shuffle)
+        schema = common_schema(list_files(paths, fmt))
+        extra = {} if schema is None else {"schema": schema}
+        return ray.data.read_parquet(paths, shuffle=shuffle, **extra)
     convert = csv_as_strings(paths[0], fmt) if as_strings else None
     return ray.data.read_csv(
         paths,
@@ -149,6 +152,42 @@ def read_files(
         read_options=csv_read_options(fmt, paths[0]),
         convert_options=convert,
     )
+
+
+def common_schema(files: list[SourceFile]) -> pa.Schema | None:
+    """One schema for Parquet files that do not share one (an added column, int32 against
+    int64), or that hold Arrow's view types, which Ray cannot move between processes
+    (read as large_string/large_binary instead); None when the files agree already."""
+    with ThreadPoolExecutor(16) as pool:
+        schemas = list(pool.map(file_schema, files))
+    if not schemas or (
+        all(schema.equals(schemas[0]) for schema in schemas)
+        and not any(is_view(field.type) for field in schemas[0])
+    ):
+        return None
+    readable = [pa.schema([without_views(field) for field in schema]) for schema in schemas]
+    unified = pa.unify_schemas(readable, promote_options="permissive")
+    for name in files[0].partitions:  # hive partition columns, read as strings
+        if name not in unified.names:
+            unified = unified.append(pa.field(name, pa.string()))
+    return unified
+
+
+def file_schema(file: SourceFile) -> pa.Schema:
+    filesystem, where = filesystem_of(file.path)
+    return pq.read_schema(where, filesystem=filesystem).remove_metadata()
+
+
+def is_view(kind: pa.DataType) -> bool:
+    return pa.types.is_string_view(kind) or pa.types.is_binary_view(kind)
+
+
+def without_views(field: pa.Field) -> pa.Field:
+    if pa.types.is_string_view(field.type):
+        return field.with_type(pa.large_string())
+    if pa.types.is_binary_view(field.type):
+        return field.with_type(pa.large_binary())
+    return field
 
 
 def list_files(paths: list[str], fmt: str) -> list[SourceFile]:

@@ -14,7 +14,7 @@ import pytest
 from spam_gpt.cli import main
 from spam_gpt.corpus import build_splits
 from spam_gpt.model_ref import load_predictor
-from spam_gpt.scoring import ScoringError, run_scoring
+from spam_gpt.scoring import ADDED_COLUMNS, ScoringError, run_scoring
 
 from .conftest import CHAPTER_HAM, CHAPTER_SPAM
 
@@ -180,7 +180,8 @@ def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
         str(tmp_path / "out"),
     ]
     assert main(args) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, line, logs = capsys.readouterr().out.strip().splitlines()
+    assert logs.startswith("Logs: ") and ".log" in logs  # Ray's and MLflow's output went there
     assert "Read 3 rows: 2 scored, 1 errored; labels: " in line
     assert "spam 50.0%" in line and "not spam 50.0%" in line
     assert "rows/s" in line and str(tmp_path / "out") in line
@@ -197,3 +198,62 @@ def test_a_job_the_cluster_cannot_schedule_is_refused(tiny_run, tmp_path):
             str(tmp_path / "out"),
             concurrency=5,
         )
+
+
+def scored_rows(output: Path) -> list[dict]:
+    return sorted(pq.read_table(output).to_pylist(), key=lambda row: row["id"])
+
+
+@pytest.mark.parametrize("kind", ["large_string", "string_view", "dictionary", "binary"])
+def test_every_writers_text_type_is_read(tiny_run, tmp_path, kind):
+    texts = [CHAPTER_SPAM, CHAPTER_HAM, None]
+    column = {
+        "large_string": pa.array(texts, pa.large_string()),
+        "string_view": pa.array(texts, pa.string_view()),
+        "dictionary": pa.array(texts).dictionary_encode(),
+        "binary": pa.array([t and t.encode() for t in texts], pa.binary()),
+    }[kind]
+    pq.write_table(pa.table({"id": [0, 1, 2], "text": column}), tmp_path / "in.parquet")
+    run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    rows = scored_rows(tmp_path / "out")
+    assert [row["label"] for row in rows] == ["spam", "not spam", None]
+    assert [row["score_error"] for row in rows] == [None, None, "text is null"]
+
+
+def test_bytes_that_are_not_utf8_are_flagged(tiny_run, tmp_path):
+    column = pa.array([CHAPTER_SPAM.encode(), b"\xff\xfe caf\xe9"], pa.binary())
+    pq.write_table(pa.table({"id": [0, 1], "text": column}), tmp_path / "in.parquet")
+    run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    rows = scored_rows(tmp_path / "out")
+    assert rows[0]["label"] == "spam" and rows[1]["label"] is None
+    assert rows[1]["score_error"] == "text is not valid UTF-8"
+
+
+def test_an_input_without_rows_gives_an_empty_output_with_every_column(tiny_run, tmp_path):
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    pq.write_table(schema.empty_table(), tmp_path / "in.parquet")
+    summary = run_scoring(
+        str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out")
+    )
+    assert summary.rows == 0
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 0
+    assert table.schema.names == ["id", "text", *ADDED_COLUMNS]
+    assert table.schema.field("probabilities").type.names == ["not spam", "spam"]
+    assert (tmp_path / "out" / "_SUCCESS").is_file()
+
+
+def test_files_whose_schemas_differ_are_scored_with_the_union_of_columns(tiny_run, tmp_path):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    first = pa.table({"id": pa.array([0, 1], pa.int32()), "text": [CHAPTER_SPAM, CHAPTER_HAM]})
+    second = pa.table(
+        {"id": pa.array([2], pa.int64()), "text": [CHAPTER_HAM], "sender": ["+4470000"]}
+    )
+    pq.write_table(first, folder / "a.parquet")
+    pq.write_table(second, folder / "b.parquet")
+    run_scoring(str(tiny_run / "model"), [str(folder)], str(tmp_path / "out"))
+    rows = scored_rows(tmp_path / "out")
+    assert [row["id"] for row in rows] == [0, 1, 2]
+    assert [row["label"] for row in rows] == ["spam", "not spam", "not spam"]
+    assert [row["sender"] for row in rows] == [None, None, "+4470000"]
