@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 from spam_gpt.classifier import is_spam_model
 from spam_gpt.model_ref import pin_model_ref
 from spam_gpt.predictor import Prediction, Predictor
+from spam_gpt.progress import ScoringProgress
 from spam_gpt.sources import (
     DataError,
+    count_rows,
     expand_inputs,
     filesystem_of,
     is_remote,
@@ -291,14 +293,16 @@ def run_scoring(
         return empty_output(fields, model_ref, tracking_uri)
 
     if is_remote(output):
-        write_scored(scored, output, empty)
+        with ScoringProgress(output, count_rows(paths, fmt)):
+            write_scored(scored, output, empty)
         summary = summarize(output, time.perf_counter() - started)
         write_success(output, summary)
         return summary
     target = Path(local_path(output)).resolve()
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        write_scored(scored, str(staging), empty)
+        with ScoringProgress(str(staging), count_rows(paths, fmt)):
+            write_scored(scored, str(staging), empty)
         summary = summarize(str(staging), time.perf_counter() - started)
         summary.output = str(target)
         write_success(str(staging), summary)

@@ -158,8 +158,7 @@ def common_schema(files: list[SourceFile]) -> pa.Schema | None:
     """One schema for Parquet files that do not share one (an added column, int32 against
     int64), or that hold Arrow's view types, which Ray cannot move between processes
     (read as large_string/large_binary instead); None when the files agree already."""
-    with ThreadPoolExecutor(16) as pool:
-        schemas = list(pool.map(file_schema, files))
+    schemas = [footer.schema.to_arrow_schema().remove_metadata() for footer in footers(files)]
     if not schemas or (
         all(schema.equals(schemas[0]) for schema in schemas)
         and not any(is_view(field.type) for field in schemas[0])
@@ -173,9 +172,24 @@ def common_schema(files: list[SourceFile]) -> pa.Schema | None:
     return unified
 
 
-def file_schema(file: SourceFile) -> pa.Schema:
-    filesystem, where = filesystem_of(file.path)
-    return pq.read_schema(where, filesystem=filesystem).remove_metadata()
+def footers(files: list[SourceFile]) -> list[pq.FileMetaData]:
+    """The Parquet footers of ``files``, read in parallel (on object storage each is a
+    request)."""
+
+    def footer(file: SourceFile) -> pq.FileMetaData:
+        filesystem, where = filesystem_of(file.path)
+        with filesystem.open_input_file(where) as stream:
+            return pq.read_metadata(stream)
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(footer, files))
+
+
+def count_rows(paths: list[str], fmt: str) -> int | None:
+    """Rows in Parquet ``paths`` from their footers; None for CSV/TSV (unknown unread)."""
+    if fmt != "parquet":
+        return None
+    return sum(footer.num_rows for footer in footers(list_files(paths, fmt)))
 
 
 def is_view(kind: pa.DataType) -> bool:
