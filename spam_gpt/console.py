@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from tqdm import tqdm
@@ -128,6 +128,19 @@ def quieted(log_file: Path, verbose: bool = False) -> Iterator[Console]:
         if sys.stderr is not python_stderr:
             sys.stderr.close()
             sys.stderr = python_stderr
+
+
+@contextmanager
+def stdout_into_log(linger_s: float = 0.0) -> Iterator[None]:
+    """For a moment when only Ray speaks (a shutdown it reports on as it goes): this
+    process's ``print`` output into the log file, ``linger_s`` seconds beyond the block
+    for reports that arrive late. Nothing changes when verbose."""
+    if CURRENT.verbose or CURRENT.log_file is None:
+        yield
+        return
+    with open(CURRENT.log_file, "a") as log, redirect_stdout(log):
+        yield
+        time.sleep(linger_s)
 
 
 def where_logs_are() -> str | None:

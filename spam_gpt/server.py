@@ -8,6 +8,7 @@ import signal
 import time
 import urllib.request
 
+from spam_gpt import console
 from spam_gpt.ray_cluster import connect
 
 APP_NAME = "spam-gpt"
@@ -107,4 +108,7 @@ def serve_forever(
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("Shutting down…", flush=True)
-        serve.shutdown()
+        # Serve's controller ends its own graceful shutdown by killing itself, and Ray
+        # reports the killed task as an error: a line for the log, not for the terminal.
+        with console.stdout_into_log(linger_s=1.0):
+            serve.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.pop(name, None)
     os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="spam-gpt-tests-hf-home-")
 
+
+# What Ray, MLflow, setuptools and Python print when they are let through.
+NOISE = re.compile(
+    r"\bwarn|deprecat|\berror\b|traceback|exception|\bE \d{4}|core_worker|\(raylet\)|"
+    r"\(RayTrainWorker|\(pid=|(?-i:INFO)|Downloading artifacts|streaming_executor|\[33m",
+    re.IGNORECASE,
+)
 
 CHAPTER_SPAM = (
     "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."

@@ -7,15 +7,9 @@ import re
 import subprocess
 import sys
 
-from .conftest import free_port
+from .conftest import NOISE, free_port
 
 LINE_BUDGET = 40
-# What Ray, MLflow, setuptools and Python print when they are let through.
-NOISE = re.compile(
-    r"\bwarn|deprecat|\berror\b|traceback|exception|\bE \d{4}|core_worker|\(raylet\)|"
-    r"\(RayTrainWorker|\(pid=|(?-i:INFO)|Downloading artifacts|streaming_executor|\[33m",
-    re.IGNORECASE,
-)
 
 
 def test_the_demo_prints_only_its_own_lines(tmp_path):

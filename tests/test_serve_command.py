@@ -13,7 +13,7 @@ import pytest
 from spam_gpt.cli import main
 from spam_gpt.server import classify_over_http
 
-from .conftest import CHAPTER_SPAM, free_port, haproxy_running, wait_for_http
+from .conftest import CHAPTER_SPAM, NOISE, free_port, haproxy_running, wait_for_http
 
 
 @pytest.mark.parametrize("options", [[], ["--high-throughput"]], ids=["serve-proxy", "haproxy"])
@@ -51,6 +51,8 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, options):
         log.close()
     output = (tmp_path / "serve.log").read_text()
     assert f"Serving {tiny_run / 'model'} at {url}" in output and "Shutting down" in output
+    assert not [line for line in output.splitlines() if NOISE.search(line)]  # Ray's: in its log
+    assert output.splitlines()[-1].startswith("Logs: ")
     try:
         urllib.request.urlopen(f"{url}/healthz", timeout=5)
         raise AssertionError("the endpoint still answers after Ctrl-C")
