@@ -8,7 +8,7 @@ tells Ray not to forward its processes' output (it stays in Ray's own log files)
 MLflow not to draw progress bars unless on a terminal. ``--verbose`` skips all of it.
 
 Lines that Ray Train's rank-0 worker wants a person to read travel back through a
-:class:`Relay`, a Ray queue the driver prints from.
+:class:`EpochRelay`, a Ray queue the driver prints from.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
@@ -167,15 +167,17 @@ def ray_log_folder() -> str | None:
         return None
 
 
-class Relay:
-    """Lines from Ray workers printed by the driver, which Ray does not forward here when
-    quiet. Create on the driver, pass ``relay.queue`` to the workers, which ``put`` lines."""
+class EpochRelay:
+    """Epoch lines from Ray Train's rank 0, printed by the driver, since Ray does not
+    forward workers' output here when quiet; on a terminal they also advance a bar of
+    epochs. Create on the driver and pass ``relay.queue`` to the workers, which ``put``
+    lines into it."""
 
-    def __init__(self, show: Callable[[str], None] = print):
+    def __init__(self, epochs: int):
         from ray.util.queue import Queue
 
+        self.bar = tqdm(total=epochs, unit="epoch", disable=not sys.stderr.isatty(), leave=False)
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.show = show
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.pump, daemon=True)
         self.thread.start()
@@ -185,29 +187,9 @@ class Relay:
 
         while not (self.stopping.is_set() and self.queue.empty()):
             try:
-                self.show(self.queue.get(timeout=0.2))
+                self.epoch_done(self.queue.get(timeout=0.2))
             except Empty:
                 continue
-
-    def close(self) -> None:
-        """Print what is left, then stop."""
-        self.stopping.set()
-        self.thread.join(timeout=10)
-        self.queue.shutdown()
-
-    def __enter__(self) -> Relay:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class EpochRelay(Relay):
-    """A relay of epoch lines, which on a terminal also advance a bar of epochs."""
-
-    def __init__(self, epochs: int):
-        self.bar = tqdm(total=epochs, unit="epoch", disable=not sys.stderr.isatty(), leave=False)
-        super().__init__(show=self.epoch_done)
 
     def epoch_done(self, line: str) -> None:
         if self.bar.disable:
@@ -217,5 +199,14 @@ class EpochRelay(Relay):
             self.bar.update(1)
 
     def close(self) -> None:
-        super().close()
+        """Print what is left, then stop."""
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.queue.shutdown()
         self.bar.close()
+
+    def __enter__(self) -> EpochRelay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -51,7 +51,13 @@ def run_demo(out: Path, port: int) -> None:
 
     from spam_gpt.config import resolve_config
     from spam_gpt.corpus import build_splits, bundled_corpus_bytes, parse_collection, write_splits
-    from spam_gpt.distributed import connect_for_training, new_job, prepare_data, run_job
+    from spam_gpt.distributed import (
+        connect_for_training,
+        new_job,
+        prepare_data,
+        run_job,
+        weights_for_workers,
+    )
     from spam_gpt.model_ref import pin_model_ref
     from spam_gpt.scoring import run_scoring
     from spam_gpt.server import APP_NAME, classify_over_http, deploy
@@ -92,7 +98,7 @@ def run_demo(out: Path, port: int) -> None:
         storage_path=None,
         data=None,
     )
-    metrics = run_job(job, inputs, plan)
+    metrics = run_job(job, inputs, plan, weights_for_workers(cfg.weights))
     model_ref = pin_model_ref("models:/spam-gpt/latest", tracking_uri)
     print(
         f"Test accuracy {metrics['test_accuracy']:.2%}, spam precision "

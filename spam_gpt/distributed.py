@@ -272,10 +272,10 @@ def weights_for_workers(source: str) -> HandedWeights | None:
 
 
 def run_job(
-    job: TrainJob, inputs: LabelledInputs, plan: SplitPlan, weights: HandedWeights | None = None
+    job: TrainJob, inputs: LabelledInputs, plan: SplitPlan, weights: HandedWeights | None
 ) -> dict:
     """Run (or continue) ``job`` on the connected Ray; copy its outputs to ``job.output``.
-    ``weights``: the pretrained weights :func:`weights_for_workers` resolved."""
+    ``weights``: what :func:`weights_for_workers` resolved for the job's ``--weights``."""
     client = MlflowClient(job.tracking_uri)
     client.update_run(job.run_id, status="RUNNING")
     cfg = TrainConfig(**job.config)

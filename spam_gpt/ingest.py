@@ -35,7 +35,7 @@ from spam_gpt.labelled import (
     scan_source,
     split_rows,
 )
-from spam_gpt.sources import read_files
+from spam_gpt.sources import ParquetFooters, read_files
 from spam_gpt.tokenizer import get_tokenizer
 
 PROBES = ("train_probe", "validation_probe")
@@ -78,25 +78,39 @@ def encode_split(
     )
 
 
-def read_part(part: Part, shuffle_seed: int | None) -> ray.data.Dataset:
+def part_footers(part: Part) -> ParquetFooters | None:
+    """A Parquet part's footers, read once for all the splits it feeds."""
+    if isinstance(part.sources[0], InMemory) or part.sources[0].format != "parquet":
+        return None
+    return ParquetFooters.of([source.path for source in part.sources])
+
+
+def read_part(
+    part: Part, footers: ParquetFooters | None, shuffle_seed: int | None
+) -> ray.data.Dataset:
     if isinstance(part.sources[0], InMemory):
         return ray.data.from_arrow([source.table for source in part.sources])
     paths = [source.path for source in part.sources]
-    return read_files(paths, part.sources[0].format, shuffle_seed, as_strings=True)
+    return read_files(paths, part.sources[0].format, shuffle_seed, as_strings=True, footers=footers)
 
 
 def split_dataset(
-    inputs: LabelledInputs, plan: SplitPlan, split: str, shuffle_seed: int | None = None
+    inputs: LabelledInputs,
+    plan: SplitPlan,
+    split: str,
+    footers: list[ParquetFooters | None],
+    shuffle_seed: int | None = None,
 ) -> ray.data.Dataset:
-    """The rows of one split, from every input that feeds it, encoded."""
+    """The rows of one split, from every input that feeds it, encoded; ``footers``: those
+    of each of ``inputs.parts``."""
     datasets = [
-        read_part(part, shuffle_seed).map_batches(
+        read_part(part, part_footer, shuffle_seed).map_batches(
             encode_split,
             fn_kwargs={"columns": columns, "part_split": part.split, "plan": plan, "split": split},
             batch_format="pyarrow",
             batch_size=1024,
         )
-        for part, columns in zip(inputs.parts, inputs.columns)
+        for part, columns, part_footer in zip(inputs.parts, inputs.columns, footers)
         if part.split in (None, split)
     ]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -108,11 +122,12 @@ def training_datasets(
     """What the trainer gets: the splits, the training rows once more in order for the
     final train accuracy, and the rows the estimates read (taken here, a few dozen)."""
     quiet_data_context()
+    footers = [part_footers(part) for part in inputs.parts]
     datasets = {
-        "train": split_dataset(inputs, plan, "train", shuffle_seed=cfg.seed),
-        "train_full": split_dataset(inputs, plan, "train"),
-        "validation": split_dataset(inputs, plan, "validation"),
-        "test": split_dataset(inputs, plan, "test"),
+        "train": split_dataset(inputs, plan, "train", footers, shuffle_seed=cfg.seed),
+        "train_full": split_dataset(inputs, plan, "train", footers),
+        "validation": split_dataset(inputs, plan, "validation", footers),
+        "test": split_dataset(inputs, plan, "test", footers),
     }
     probe_rows = cfg.eval_iter * cfg.batch_size
     for name, split in zip(PROBES, ("train", "validation")):

@@ -33,7 +33,7 @@ from spam_gpt.predictor import Prediction, Predictor
 from spam_gpt.progress import ScoringProgress
 from spam_gpt.sources import (
     DataError,
-    count_rows,
+    ParquetFooters,
     expand_inputs,
     filesystem_of,
     is_remote,
@@ -260,8 +260,10 @@ def run_scoring(
         require_cpus(needed, "--concurrency x --cpus-per-actor plus one CPU for reading")
     except ValueError as error:
         raise ScoringError(str(error)) from None
-    dataset = read_files(paths, fmt)
-    columns = list(dataset.schema().names)
+    footers = ParquetFooters.of(paths) if fmt == "parquet" else None
+    dataset = read_files(paths, fmt, footers=footers)
+    schema = dataset.schema()
+    columns = list(schema.names)
     try:
         column = resolve_column(columns, text_column, "text", "--text-column")
     except DataError as error:
@@ -285,27 +287,27 @@ def run_scoring(
         num_cpus=cpus_per_actor,
         num_gpus=1 if gpu else 0,
     )
-    started = time.perf_counter()
-    schema = dataset.schema()
 
     def empty() -> pa.Table:
         fields = pa.schema(list(zip(schema.names, schema.types)))
         return empty_output(fields, model_ref, tracking_uri)
 
-    if is_remote(output):
-        with ScoringProgress(output, count_rows(paths, fmt)):
-            write_scored(scored, output, empty)
-        summary = summarize(output, time.perf_counter() - started)
-        write_success(output, summary)
+    def write(folder: str, output: str) -> ScoreSummary:
+        """The scored rows into ``folder`` under a progress line, marked complete."""
+        started = time.perf_counter()
+        with ScoringProgress(folder, footers.rows if footers else None):
+            write_scored(scored, folder, empty)
+        summary = summarize(folder, time.perf_counter() - started)
+        summary.output = output
+        write_success(folder, summary)
         return summary
+
+    if is_remote(output):
+        return write(output, output)
     target = Path(local_path(output)).resolve()
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        with ScoringProgress(str(staging), count_rows(paths, fmt)):
-            write_scored(scored, str(staging), empty)
-        summary = summarize(str(staging), time.perf_counter() - started)
-        summary.output = str(target)
-        write_success(str(staging), summary)
+        summary = write(str(staging), str(target))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

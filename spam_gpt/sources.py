@@ -12,6 +12,7 @@ import fnmatch
 import glob
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,16 +133,21 @@ def csv_as_strings(path: str, fmt: str) -> pa_csv.ConvertOptions:
 
 
 def read_files(
-    paths: list[str], fmt: str, shuffle_seed: int | None = None, as_strings: bool = False
+    paths: list[str],
+    fmt: str,
+    shuffle_seed: int | None = None,
+    as_strings: bool = False,
+    footers: ParquetFooters | None = None,
 ):
     """A Ray Dataset over Parquet or CSV/TSV paths; hive partitions become columns.
     ``shuffle_seed`` reads the files in a new seeded order on every pass; ``as_strings``
-    reads every CSV column as text (see :func:`csv_as_strings`)."""
+    reads every CSV column as text (see :func:`csv_as_strings`); ``footers``: the Parquet
+    files' footers when the caller has read them already."""
     import ray.data
 
     shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
     if fmt == "parquet":
-        schema = common_schema(list_files(paths, fmt))
+        schema = (footers or ParquetFooters.of(paths)).read_schema()
         extra = {} if schema is None else {"schema": schema}
         return ray.data.read_parquet(paths, shuffle=shuffle, **extra)
     convert = csv_as_strings(paths[0], fmt) if as_strings else None
@@ -154,42 +160,46 @@ def read_files(
     )
 
 
-def common_schema(files: list[SourceFile]) -> pa.Schema | None:
-    """One schema for Parquet files that do not share one (an added column, int32 against
-    int64), or that hold Arrow's view types, which Ray cannot move between processes
-    (read as large_string/large_binary instead); None when the files agree already."""
-    schemas = [footer.schema.to_arrow_schema().remove_metadata() for footer in footers(files)]
-    if not schemas or (
-        all(schema.equals(schemas[0]) for schema in schemas)
-        and not any(is_view(field.type) for field in schemas[0])
-    ):
-        return None
-    readable = [pa.schema([without_views(field) for field in schema]) for schema in schemas]
-    unified = pa.unify_schemas(readable, promote_options="permissive")
-    for name in files[0].partitions:  # hive partition columns, read as strings
-        if name not in unified.names:
-            unified = unified.append(pa.field(name, pa.string()))
-    return unified
+@dataclass(frozen=True)
+class ParquetFooters:
+    """The footers of a Parquet input's files, read once (on object storage each is a
+    request): how many rows it holds, and the schema to read it with."""
 
+    files: list[SourceFile]
+    footers: list[pq.FileMetaData]
 
-def footers(files: list[SourceFile]) -> list[pq.FileMetaData]:
-    """The Parquet footers of ``files``, read in parallel (on object storage each is a
-    request)."""
+    @classmethod
+    def of(cls, paths: list[str]) -> ParquetFooters:
+        files = list_files(paths, "parquet")
 
-    def footer(file: SourceFile) -> pq.FileMetaData:
-        filesystem, where = filesystem_of(file.path)
-        with filesystem.open_input_file(where) as stream:
-            return pq.read_metadata(stream)
+        def footer(file: SourceFile) -> pq.FileMetaData:
+            filesystem, where = filesystem_of(file.path)
+            with filesystem.open_input_file(where) as stream:
+                return pq.read_metadata(stream)
 
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(footer, files))
+        with ThreadPoolExecutor(16) as pool:
+            return cls(files, list(pool.map(footer, files)))
 
+    @property
+    def rows(self) -> int:
+        return sum(footer.num_rows for footer in self.footers)
 
-def count_rows(paths: list[str], fmt: str) -> int | None:
-    """Rows in Parquet ``paths`` from their footers; None for CSV/TSV (unknown unread)."""
-    if fmt != "parquet":
-        return None
-    return sum(footer.num_rows for footer in footers(list_files(paths, fmt)))
+    def read_schema(self) -> pa.Schema | None:
+        """One schema for files that do not share one (an added column, int32 against
+        int64), or that hold Arrow's view types, which Ray cannot move between processes
+        (read as large_string/large_binary instead); None when the files agree already."""
+        schemas = [footer.schema.to_arrow_schema().remove_metadata() for footer in self.footers]
+        if not schemas or (
+            all(schema.equals(schemas[0]) for schema in schemas)
+            and not any(is_view(field.type) for field in schemas[0])
+        ):
+            return None
+        readable = [pa.schema([without_views(field) for field in schema]) for schema in schemas]
+        unified = pa.unify_schemas(readable, promote_options="permissive")
+        for name in self.files[0].partitions:  # hive partition columns, read as strings
+            if name not in unified.names:
+                unified = unified.append(pa.field(name, pa.string()))
+        return unified
 
 
 def is_view(kind: pa.DataType) -> bool:

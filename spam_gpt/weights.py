@@ -52,6 +52,11 @@ def hub_reference(name: str) -> tuple[str, str | None]:
     return HUB_NAMES.get(repo, repo), revision or None
 
 
+def reference(repo: str, revision: str | None) -> str:
+    """How a user writes a Hub reference: ``org/model`` or ``org/model@revision``."""
+    return f"{repo}@{revision}" if revision else repo
+
+
 def is_weights_folder(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
@@ -74,8 +79,9 @@ def fetch(repo: str, revision: str | None, filename: str, local_only: bool = Fal
 
 def fetch_weight_files(repo: str, revision: str | None, local_only: bool = False) -> Path:
     """The snapshot folder holding the config and every safetensors file of ``repo``:
-    the shards a ``model.safetensors.index.json`` names, else ``model.safetensors``."""
-    fetch(repo, revision, CONFIG_FILE, local_only)
+    the shards a ``model.safetensors.index.json`` names, else ``model.safetensors``. The
+    config comes first and must be GPT-2's, so another architecture costs no download."""
+    check_gpt2_config(fetch(repo, revision, CONFIG_FILE, local_only), reference(repo, revision))
     try:
         index = fetch(repo, revision, INDEX_FILE, local_only)
     except RemoteEntryNotFoundError:
@@ -108,9 +114,7 @@ def resolve_weights(source: str) -> Path:
             "laid out like a Hugging Face GPT-2 repository"
         )
     repo, revision = hub_reference(source)
-    at = f"{repo}@{revision}" if revision else repo
     try:
-        check_gpt2_config(fetch(repo, revision, CONFIG_FILE), at)
         return fetch_weight_files(repo, revision)
     except WeightsNotFound:
         raise
@@ -124,6 +128,7 @@ def resolve_weights(source: str) -> Path:
             "access was sent (set HF_TOKEN or run `hf auth login`)"
         )
     except RemoteEntryNotFoundError:
+        at = reference(repo, revision)
         reason = f"{at} has no {CONFIG_FILE} with {SINGLE_FILE}: not a safetensors GPT-2"
     except LocalEntryNotFoundError:
         reason = "not in the Hugging Face cache, and offline (HF_HUB_OFFLINE) or unreachable"
