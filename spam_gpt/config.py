@@ -12,6 +12,7 @@ from spam_gpt.precision import TRAINING_PRECISIONS
 
 RANDOM_WEIGHTS = "random"
 PACKING_MODES = ("auto", "off")
+KEEP_CHOICES = ("last", "best")
 
 
 @dataclass
@@ -68,6 +69,17 @@ class TrainConfig:
     eval_iter: int = field(default=5, metadata={"help": "batches per loss/accuracy estimate"})
     seed: int = 123
     drop_rate: float = 0.0
+    keep: str = field(
+        default="last",
+        metadata={
+            "help": "last: the final epoch's weights (chapter); best: the epoch with the best "
+            "accuracy on the whole validation set"
+        },
+    )
+    patience: int = field(
+        default=0,
+        metadata={"help": "stop after N epochs without a better validation accuracy (0: never)"},
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -76,6 +88,7 @@ class TrainConfig:
             "padding": PADDING_MODES,
             "packing": PACKING_MODES,
             "precision": TRAINING_PRECISIONS,
+            "keep": KEEP_CHOICES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -88,8 +101,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.max_length < 0 or self.max_steps < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("max_length, max_steps and weight_decay must be >= 0 and lr > 0")
+        if min(self.max_length, self.max_steps, self.weight_decay, self.patience) < 0:
+            raise ValueError("max_length, max_steps, weight_decay and patience must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be above 0, not {self.lr}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

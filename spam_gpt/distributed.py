@@ -25,7 +25,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from mlflow import MlflowClient
-from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
@@ -43,9 +50,11 @@ from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inpu
 from spam_gpt.ray_cluster import connect, require_cpus
 from spam_gpt.tracking import RunLogger, git_commit, job_of_run, open_run
 from spam_gpt.training import TrainingHistory, say
-from spam_gpt.training_state import TrainingState, load_training_state, save_training_state
+from spam_gpt.training_state import load_training_state, save_training_state
 
 JOB_FILE = "job.json"
+# The latest checkpoint (to resume from, always kept) and the best epoch's.
+KEPT_CHECKPOINTS = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy")
 
 
 @dataclass
@@ -86,7 +95,7 @@ def all_reduce_sum(device: torch.device):
     return reduce
 
 
-def report_epoch(history, classifier, optimizer, rank: int) -> None:
+def report_epoch(history: TrainingHistory, snapshot, rank: int) -> None:
     """Every worker reports; rank 0 attaches the state to resume from."""
     metrics = {
         "epoch": history.epochs_done,
@@ -97,10 +106,7 @@ def report_epoch(history, classifier, optimizer, rank: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            state = TrainingState(
-                classifier.state_dict(), optimizer.state_dict(), torch.get_rng_state(), history
-            )
-            save_training_state(state, Path(folder))
+            save_training_state(snapshot(), Path(folder))
             checkpoint = Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -144,8 +150,8 @@ def train_worker(loop_config: dict) -> None:
 
     relay = loop_config.get("relay") if rank == 0 else None
 
-    def on_epoch_end(history, classifier, optimizer) -> None:
-        report_epoch(history, classifier, optimizer, rank)
+    def on_epoch_end(history, snapshot) -> None:
+        report_epoch(history, snapshot, rank)
         if logger:
             logger.log_history(history)
         if relay is not None:
@@ -176,7 +182,8 @@ def train_worker(loop_config: dict) -> None:
                 logger.log_results(result.metrics, Path(folder), job.register_as)
             final = Checkpoint.from_directory(folder)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
-        ray.train.report({"final": True, **metrics}, checkpoint=final)
+        kept = result.history.val_accs[result.metrics["kept_epoch"] - 1]
+        ray.train.report({"final": True, "val_accuracy": kept, **metrics}, checkpoint=final)
 
 
 def new_job(
@@ -300,6 +307,7 @@ def run_job(
             name=job.ray_name,
             storage_path=job.storage_path,
             failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=KEPT_CHECKPOINTS,
             worker_runtime_env={"env_vars": forwarded_env()},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

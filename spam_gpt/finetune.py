@@ -35,6 +35,7 @@ from spam_gpt.model import GPTModel, init_gpt2_weights, model_config
 from spam_gpt.plots import plot_confusion_matrix, plot_history
 from spam_gpt.tokenizer import encode_text
 from spam_gpt.training import (
+    BestWeights,
     EvalHook,
     Reduce,
     TrainingHistory,
@@ -151,13 +152,13 @@ def finetune(
     *,
     resume: TrainingState | None = None,
     on_eval: EvalHook | None = None,
-    on_epoch_end: Callable[[TrainingHistory, SpamClassifier, torch.optim.Optimizer], None]
-    | None = None,
+    on_epoch_end: Callable[[TrainingHistory, Callable[[], TrainingState]], None] | None = None,
     verbose: bool = True,
     progress: bool = True,
 ) -> FinetuneResult:
     """Train per ``cfg`` and measure full-set accuracies and test-set per-class scores.
-    ``data`` may be the chapter's split frames themselves."""
+    ``data`` may be the chapter's split frames themselves. ``on_epoch_end`` gets the
+    history and a function that captures the state to resume from."""
     workers = workers or Workers()
     memory = PeakMemory()
     if isinstance(data, dict):
@@ -176,11 +177,23 @@ def finetune(
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = None
+    best = BestWeights() if cfg.keep == "best" else None
     if resume is not None:
         classifier.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)
         torch.set_rng_state(resume.rng)
         history = resume.history
+        if best:
+            best.state = resume.best
+
+    def state_after(finished: TrainingHistory) -> TrainingState:
+        weights, rng = classifier.state_dict(), torch.get_rng_state()
+        kept = best.state if best else None
+        return TrainingState(weights, optimizer.state_dict(), rng, finished, kept)
+
+    def epoch_ended(finished: TrainingHistory) -> None:
+        on_epoch_end(finished, lambda: state_after(finished))
+
     if verbose:
         say(
             f"Model: {weights_source}, {count_parameters(classifier):,} parameters, "
@@ -203,9 +216,11 @@ def finetune(
         history=history,
         reduce=workers.reduce,
         on_eval=on_eval,
+        on_epoch_end=epoch_ended if on_epoch_end else None,
+        keep_best=best,
+        patience=cfg.patience,
         verbose=verbose,
         progress=progress,
-        on_epoch_end=(lambda h: on_epoch_end(h, classifier, optimizer)) if on_epoch_end else None,
     )
     training_seconds = time.perf_counter() - started
 
@@ -221,6 +236,10 @@ def finetune(
         "test_accuracy": accuracy_of(confusion),
         **final_scores(confusion, labels),
         "training_seconds": training_seconds,
+        "parameters": count_parameters(classifier),
+        "trainable_parameters": count_parameters(classifier, trainable_only=True),
+        "epochs_trained": history.epochs_done,
+        "kept_epoch": history.best_epoch if best else history.epochs_done,
         "worker_peak_private_mb": per_worker(memory.stop(), workers),
         "worker_peak_rss_mb": per_worker(peak_rss_mb(), workers),
     }

@@ -154,10 +154,32 @@ class TrainingHistory:
     global_step: int = -1
     epochs_done: int = 0
     stopped_at_max_steps: bool = False
+    best_epoch: int = 0  # the first epoch with the highest validation accuracy
+    stopped_early: bool = False  # by --patience
 
 
 EvalHook = Callable[[TrainingHistory], None]
 EpochHook = Callable[[TrainingHistory], None]
+
+
+class BestWeights:
+    """``--keep best``: a copy of the weights of the best epoch so far, put back at the
+    end, so the final evaluation and the saved model are that epoch's."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def remember(self, model: torch.nn.Module) -> None:
+        state = unwrapped(model).state_dict()
+        self.state = {k: v.detach().clone() for k, v in state.items()}
+
+    def restore(self, model: torch.nn.Module) -> None:
+        unwrapped(model).load_state_dict(self.state)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The classifier inside DistributedDataParallel (whose keys add ``module.``)."""
+    return getattr(model, "module", model)
 
 
 def train_classifier_simple(
@@ -177,6 +199,8 @@ def train_classifier_simple(
     reduce: Reduce = local_only,
     on_eval: EvalHook | None = None,
     on_epoch_end: EpochHook | None = None,
+    keep_best: BestWeights | None = None,
+    patience: int = 0,
     verbose: bool = True,
     progress: bool = True,
 ) -> TrainingHistory:
@@ -187,8 +211,10 @@ def train_classifier_simple(
     ``val_loader``. ``max_steps`` ends training after that many optimizer steps, with
     the epoch's accuracies and hook as at any epoch's end. ``history`` continues a
     stopped run from its last finished epoch; ``examples_seen`` counts examples over all
-    workers. ``verbose`` prints the chapter's lines; ``progress`` adds a bar (off on Ray
-    workers, whose output is not a terminal).
+    workers. ``keep_best`` measures each epoch's validation accuracy on the whole
+    validation set and ends with the best epoch's weights; ``patience`` stops after that
+    many epochs without a better one. ``verbose`` prints the chapter's lines; ``progress``
+    adds a bar (off on Ray workers, whose output is not a terminal).
     """
     history = history or TrainingHistory()
     train_probe = train_loader if train_probe is None else train_probe
@@ -202,7 +228,7 @@ def train_classifier_simple(
             say(line)
 
     for epoch in range(history.epochs_done, num_epochs):
-        if history.stopped_at_max_steps:
+        if history.stopped_at_max_steps or history.stopped_early:
             break
         model.train()
         steps = tqdm(
@@ -243,7 +269,7 @@ def train_classifier_simple(
             train_probe, model, device, eval_iter, reduce, num_classes
         )
         val_accuracy = calc_accuracy_loader(
-            val_loader, model, device, eval_iter, reduce, num_classes
+            val_loader, model, device, None if keep_best else eval_iter, reduce, num_classes
         )
         log(
             f"Training accuracy: {train_accuracy * 100:.2f}% | "
@@ -252,8 +278,23 @@ def train_classifier_simple(
         history.train_accs.append(train_accuracy)
         history.val_accs.append(val_accuracy)
         history.epochs_done = epoch + 1
+        if not history.best_epoch or val_accuracy > history.val_accs[history.best_epoch - 1]:
+            history.best_epoch = history.epochs_done
+            if keep_best:
+                keep_best.remember(model)
+        if patience and history.epochs_done - history.best_epoch >= patience:
+            history.stopped_early = True
+            log(f"Stopping: no better validation accuracy for {patience} epoch(s) (--patience)")
         if on_epoch_end:
             on_epoch_end(history)
+        if history.stopped_early:
+            break
+    if keep_best and keep_best.state is not None and history.best_epoch != history.epochs_done:
+        keep_best.restore(model)
+        log(
+            f"Keeping epoch {history.best_epoch}'s weights (validation accuracy "
+            f"{history.val_accs[history.best_epoch - 1] * 100:.2f}%, --keep best)"
+        )
     return history
 
 

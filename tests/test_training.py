@@ -142,6 +142,26 @@ def test_fixed_seeds_give_identical_runs():
     assert first.metrics["test_accuracy"] == second.metrics["test_accuracy"]
 
 
+def test_keep_best_restores_the_best_epoch_and_patience_stops():
+    cfg = resolve_config("tiny", {"epochs": 6, "keep": "best", "patience": 2})
+    weights_after = []
+
+    def remember(history, state) -> None:
+        weights_after.append({k: v.clone() for k, v in state().model.items()})
+
+    result = finetune(cfg, SPLITS, verbose=False, on_epoch_end=remember)
+    history, metrics = result.history, result.metrics
+    best = history.val_accs.index(max(history.val_accs)) + 1
+    # This seed's validation accuracy falls after its best epoch, so keeping it matters.
+    assert history.best_epoch == best == metrics["kept_epoch"] < history.epochs_done
+    assert history.stopped_early and history.epochs_done == best + 2 == metrics["epochs_trained"]
+    kept = result.classifier.state_dict()
+    assert all(torch.equal(kept[k], weights_after[best - 1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], weights_after[-1][k]) for k in kept)
+    # Epochs are judged on the whole validation set, as the final evaluation is.
+    assert metrics["validation_accuracy"] == history.val_accs[best - 1]
+
+
 def test_tiny_preset_reaches_93_percent(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     print(
