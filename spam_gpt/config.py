@@ -7,12 +7,15 @@ from dataclasses import dataclass, field, fields
 
 from spam_gpt.classifier import TOKEN_CHOICES, TRAINABLE_CHOICES
 from spam_gpt.dataset import PADDING_MODES
+from spam_gpt.lora import require_peft
 from spam_gpt.model import MODEL_CONFIGS
 from spam_gpt.precision import TRAINING_PRECISIONS
 
 RANDOM_WEIGHTS = "random"
 PACKING_MODES = ("auto", "off")
 KEEP_CHOICES = ("last", "best")
+LORA = "lora"
+TRAINABLE = (*TRAINABLE_CHOICES, LORA)
 
 
 @dataclass
@@ -29,7 +32,11 @@ class TrainConfig:
         metadata={"help": "pretrained weights (folder, or name such as gpt2-medium) or 'random'"},
     )
     trainable: str = field(
-        default="last_block", metadata={"help": f"layers to train: {', '.join(TRAINABLE_CHOICES)}"}
+        default="last_block",
+        metadata={
+            "help": f"layers to train: {', '.join(TRAINABLE_CHOICES)}, or {LORA} (adapters on "
+            "a frozen GPT, needs spam-gpt[lora])"
+        },
     )
     token: str = field(
         default="last", metadata={"help": f"token to classify from: {', '.join(TOKEN_CHOICES)}"}
@@ -69,6 +76,10 @@ class TrainConfig:
     eval_iter: int = field(default=5, metadata={"help": "batches per loss/accuracy estimate"})
     seed: int = 123
     drop_rate: float = 0.0
+    lora_rank: int = field(default=16, metadata={"help": "--trainable lora: adapter rank"})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "--trainable lora: adapters scaled by alpha / rank"}
+    )
     keep: str = field(
         default="last",
         metadata={
@@ -83,7 +94,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "trainable": TRAINABLE_CHOICES,
+            "trainable": TRAINABLE,
             "token": TOKEN_CHOICES,
             "padding": PADDING_MODES,
             "packing": PACKING_MODES,
@@ -97,7 +108,7 @@ class TrainConfig:
                 )
         if self.weights == RANDOM_WEIGHTS and self.model not in MODEL_CONFIGS:
             raise ValueError(f"model must be one of {', '.join(MODEL_CONFIGS)}, not {self.model!r}")
-        positive = ("batch_size", "epochs", "eval_freq", "eval_iter")
+        positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "lora_rank")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -105,6 +116,8 @@ class TrainConfig:
             raise ValueError("max_length, max_steps, weight_decay and patience must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be above 0, not {self.lr}")
+        if self.trainable == LORA:
+            require_peft()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

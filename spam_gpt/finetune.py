@@ -27,9 +27,10 @@ from spam_gpt.classifier import (
     count_parameters,
     set_trainable_layers,
 )
-from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
+from spam_gpt.config import LORA, RANDOM_WEIGHTS, TrainConfig
 from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.dataset import Batch, SpamDataset, create_loader
+from spam_gpt.lora import add_lora, merge_lora
 from spam_gpt.memory import PeakMemory, peak_rss_mb
 from spam_gpt.model import GPTModel, init_gpt2_weights, model_config
 from spam_gpt.plots import plot_confusion_matrix, plot_history
@@ -171,7 +172,10 @@ def finetune(
     torch.manual_seed(cfg.seed)
     classifier = SpamClassifier(gpt, token=cfg.token, num_classes=len(labels))
     classifier.precision = cfg.precision
-    set_trainable_layers(classifier, cfg.trainable)
+    if cfg.trainable == LORA:
+        add_lora(classifier, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        set_trainable_layers(classifier, cfg.trainable)
     classifier.to(workers.device)
     model = workers.wrap(classifier)
     torch.manual_seed(cfg.seed)
@@ -223,10 +227,13 @@ def finetune(
         progress=progress,
     )
     training_seconds = time.perf_counter() - started
+    trainable_parameters = count_parameters(classifier, trainable_only=True)
+    if cfg.trainable == LORA:
+        merge_lora(classifier)  # measured as it is saved, scored and served
 
     def confusion_of(split: str) -> torch.Tensor:
         return confusion_matrix_loader(
-            loaders.final[split], model, workers.device, None, workers.reduce, len(labels)
+            loaders.final[split], classifier, workers.device, None, workers.reduce, len(labels)
         )
 
     confusion = confusion_of("test")
@@ -237,7 +244,7 @@ def finetune(
         **final_scores(confusion, labels),
         "training_seconds": training_seconds,
         "parameters": count_parameters(classifier),
-        "trainable_parameters": count_parameters(classifier, trainable_only=True),
+        "trainable_parameters": trainable_parameters,
         "epochs_trained": history.epochs_done,
         "kept_epoch": history.best_epoch if best else history.epochs_done,
         "worker_peak_private_mb": per_worker(memory.stop(), workers),
