@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   spam-gpt prepare --out data/
   spam-gpt train --preset tiny --output runs/tiny
   spam-gpt train --preset tiny --data messages.parquet --label-column category --output runs/mine
+  spam-gpt sweep --preset tiny --grid book --output runs/book --register-as spam-best
   spam-gpt classify --model runs/tiny/model "You won a prize! Call now" "See you at 6?"
   spam-gpt evaluate --model runs/tiny/model
 """
@@ -71,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(train)
     add_config_options(train)
     add_ray_train_options(train)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a grid of training runs on Ray Tune and keep the best",
+        description="Train every combination of a grid of training options (each trial a Ray "
+        "Train run, tracked as a child of one MLflow run), then summarise them: a table "
+        "(summary.csv, summary.md), a plot of test accuracy per variant, and the best trial, "
+        "optionally registered. Data, preset and option flags apply to every trial.",
+        epilog="example:\n  spam-gpt sweep --preset tiny --grid book --epochs 2 --output "
+        "runs/book --register-as spam-best",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument(
+        "--preset", choices=list(PRESETS), default="chapter", help="default: chapter"
+    )
+    add_sweep_options(sweep)
+    add_data_options(sweep)
+    add_config_options(sweep)
 
     classify = commands.add_parser(
         "classify",
@@ -215,26 +234,11 @@ def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "Ray Train and MLflow (used when --workers, --address or --resume is given)"
     )
-    group.add_argument(
-        "--workers",
-        type=int,
-        help="train on N Ray Train workers with DistributedDataParallel; the batch size stays "
-        "global (each worker takes batch_size / N)",
-    )
-    group.add_argument("--cpus-per-worker", type=int, help="default: this machine's CPUs / N")
-    group.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
-    add_cluster_options(group)
-    group.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)"
-    )
-    group.add_argument("--experiment", default="spam-gpt", help="MLflow experiment name")
+    add_trainer_options(group, cpus_help="default: this machine's CPUs / N")
     group.add_argument(
         "--register-as",
         default="spam-gpt",
         help="registered model name for the trained model ('' to skip registering)",
-    )
-    group.add_argument(
-        "--max-failures", type=int, default=3, help="worker failures to recover from (default 3)"
     )
     group.add_argument(
         "--storage-path",
@@ -246,6 +250,50 @@ def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_ID_OR_DIR",
         help="continue a stopped job from its last epoch checkpoint (its --output folder or "
         "MLflow run id); other settings come from that job",
+    )
+
+
+def add_trainer_options(group, cpus_help: str) -> None:
+    """How one training run uses Ray and where MLflow tracks it (train and sweep)."""
+    group.add_argument(
+        "--workers",
+        type=int,
+        help="train on N Ray Train workers with DistributedDataParallel; the batch size stays "
+        "global (each worker takes batch_size / N)",
+    )
+    group.add_argument("--cpus-per-worker", type=int, help=cpus_help)
+    group.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    add_cluster_options(group)
+    group.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)"
+    )
+    group.add_argument("--experiment", default="spam-gpt", help="MLflow experiment name")
+    group.add_argument(
+        "--max-failures", type=int, default=3, help="worker failures to recover from (default 3)"
+    )
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--grid",
+        required=True,
+        metavar="FILE.yaml|book",
+        help="training options with lists of values, e.g. 'lr: [0.001, 0.0005]' and "
+        "'seed: [1, 2, 3]' (every combination runs, once per seed); 'book': the book's table "
+        "(trainable x token x padding)",
+    )
+    parser.add_argument("--output", required=True, help="folder for the summary and each trial")
+    parser.add_argument(
+        "--trials-at-once",
+        type=int,
+        help="trials running together (default: as many as the cluster's CPUs fit)",
+    )
+    group = parser.add_argument_group("every trial's Ray Train run and MLflow")
+    add_trainer_options(group, cpus_help="CPUs per worker (default 1)")
+    group.add_argument(
+        "--register-as",
+        help="register the best trial's model (validation accuracy; ties: fewer trainable "
+        "parameters) under this name",
     )
 
 
@@ -357,11 +405,17 @@ def report_data(plan) -> None:
         print(skipped)
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The training options given on the command line (None: the preset's)."""
+    return {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "preset"
+    }
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from spam_gpt.config import resolve_config
 
-    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "preset"]
-    return resolve_config(args.preset, {name: getattr(args, name) for name in fields})
+    return resolve_config(args.preset, config_overrides(args))
 
 
 def train_on_ray(args: argparse.Namespace) -> int:
@@ -423,6 +477,62 @@ def train_on_ray(args: argparse.Namespace) -> int:
         f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}"
     )
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import ray
+
+    from spam_gpt.distributed import prepare_data
+    from spam_gpt.grid import expand_grid, load_grid
+    from spam_gpt.ray_cluster import connect, require_cpus
+    from spam_gpt.sweep import SweepSettings, describe, run_sweep
+    from spam_gpt.tracking import absolute_tracking_uri
+
+    overrides = config_overrides(args)
+    grid = load_grid(args.grid)
+    trials = expand_grid(grid, args.preset, overrides)
+    spec = data_spec_from_args(args)
+    workers, cpus = args.workers or 1, args.cpus_per_worker or 1
+    per_trial = workers * cpus + 1  # and one for Ray Data's reading and tokenizing
+    if args.trials_at_once is not None and args.trials_at_once < 1:
+        raise ValueError("--trials-at-once must be at least 1")
+    wanted = per_trial * min(args.trials_at_once or 1, len(trials))
+    connect(args.address, num_cpus=wanted, runtime_env=args.runtime_env)
+    require_cpus(wanted, "--trials-at-once x (--workers x --cpus-per-worker + 1 for Ray Data)")
+    fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
+    at_once = min(args.trials_at_once or fits, len(trials))
+    inputs, plan = prepare_data(spec)
+    report_data(plan)
+    settings = SweepSettings(
+        output=str(Path(args.output).resolve()),
+        workers=workers,
+        cpus_per_worker=cpus,
+        gpu=args.gpu,
+        tracking_uri=absolute_tracking_uri(args.tracking_uri),
+        experiment=args.experiment,
+        max_failures=args.max_failures,
+        data=None if spec is None else dataclasses.asdict(spec),
+    )
+    params = {
+        "grid": json.dumps(grid),
+        "preset": args.preset,
+        "trials": len(trials),
+        "trials_at_once": at_once,
+        "workers_per_trial": workers,
+        **{name: value for name, value in overrides.items() if value is not None},
+    }
+    result = run_sweep(
+        trials,
+        settings,
+        inputs,
+        plan,
+        trials_at_once=at_once,
+        params=params,
+        register_as=args.register_as,
+    )
+    print(describe(result, args.register_as))
+    print(f"Summary: {Path(args.output) / 'summary.md'}, trials in {Path(args.output) / 'trials'}")
+    return 0 if result.best is not None else 1
 
 
 def print_summary(metrics: dict) -> None:
@@ -548,6 +658,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "score": cmd_score,
     "serve": cmd_serve,
+    "sweep": cmd_sweep,
 }
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from tqdm import tqdm
@@ -131,14 +131,15 @@ def quieted(log_file: Path, verbose: bool = False) -> Iterator[Console]:
 
 
 @contextmanager
-def stdout_into_log(linger_s: float = 0.0) -> Iterator[None]:
-    """For a moment when only Ray speaks (a shutdown it reports on as it goes): this
-    process's ``print`` output into the log file, ``linger_s`` seconds beyond the block
-    for reports that arrive late. Nothing changes when verbose."""
+def prints_into_log(linger_s: float = 0.0) -> Iterator[None]:
+    """For a moment when only the libraries speak (a Serve shutdown, a Tune run, a model
+    registration): this process's ``print`` output, to stdout and stderr, into the log
+    file, ``linger_s`` seconds beyond the block for reports that arrive late. Nothing
+    changes when verbose."""
     if CURRENT.verbose or CURRENT.log_file is None:
         yield
         return
-    with open(CURRENT.log_file, "a") as log, redirect_stdout(log):
+    with open(CURRENT.log_file, "a") as log, redirect_stdout(log), redirect_stderr(log):
         yield
         time.sleep(linger_s)
 

@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
 from spam_gpt.console import EpochRelay
@@ -75,6 +78,7 @@ class TrainJob:
     run_id: str = ""
     data: dict | None = None  # DataSpec fields; None: the chapter's bundled splits
     params: dict = field(default_factory=dict)
+    log_model: bool = True  # a sweep logs only its best trial's model
 
     def data_spec(self) -> DataSpec | None:
         return None if self.data is None else DataSpec(**self.data)
@@ -179,7 +183,7 @@ def train_worker(loop_config: dict) -> None:
         if rank == 0:
             write_outputs(result, folder)
             if logger:
-                logger.log_results(result.metrics, Path(folder), job.register_as)
+                logger.log_results(result.metrics, Path(folder), job.register_as, job.log_model)
             final = Checkpoint.from_directory(folder)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
         kept = result.history.val_accs[result.metrics["kept_epoch"] - 1]
@@ -200,8 +204,12 @@ def new_job(
     max_failures: int,
     storage_path: str | None,
     data: DataSpec | None,
+    name: str | None = None,
+    parent_run_id: str | None = None,
+    log_model: bool = True,
 ) -> TrainJob:
-    """Describe a fresh job and open its MLflow run."""
+    """Describe a fresh job and open its MLflow run (a child of ``parent_run_id``, for a
+    sweep's trial)."""
     output = str(Path(output).resolve())
     job = TrainJob(
         config=cfg.to_dict(),
@@ -214,8 +222,9 @@ def new_job(
         register_as=register_as,
         max_failures=max_failures,
         storage_path=storage_path or str(Path(output) / "ray"),
-        ray_name=f"spam-gpt-{time.strftime('%Y%m%d-%H%M%S')}",
+        ray_name=name or f"spam-gpt-{time.strftime('%Y%m%d-%H%M%S')}",
         data=None if data is None else asdict(data),
+        log_model=log_model,
     )
     job.params = {
         **job.config,
@@ -227,7 +236,7 @@ def new_job(
     }
     client = MlflowClient(tracking_uri)
     job_tag = {k: v for k, v in asdict(job).items() if k != "params"}
-    job.run_id = open_run(client, experiment, job.ray_name, job_tag, job.params)
+    job.run_id = open_run(client, experiment, job.ray_name, job_tag, job.params, parent_run_id)
     job.save()
     return job
 
@@ -279,22 +288,30 @@ def weights_for_workers(source: str) -> HandedWeights | None:
 
 
 def run_job(
-    job: TrainJob, inputs: LabelledInputs, plan: SplitPlan, weights: HandedWeights | None
+    job: TrainJob,
+    inputs: LabelledInputs,
+    plan: SplitPlan,
+    weights: HandedWeights | None,
+    *,
+    show_epochs: bool = True,
+    callbacks: Sequence[UserCallback] = (),
 ) -> dict:
     """Run (or continue) ``job`` on the connected Ray; copy its outputs to ``job.output``.
-    ``weights``: what :func:`weights_for_workers` resolved for the job's ``--weights``."""
+    ``weights``: what :func:`weights_for_workers` resolved for the job's ``--weights``;
+    ``show_epochs`` prints rank 0's epoch lines here (Ray forwards no worker output when
+    quiet); ``callbacks`` see every report (a sweep's trial passes Tune's)."""
     client = MlflowClient(job.tracking_uri)
     client.update_run(job.run_id, status="RUNNING")
     cfg = TrainConfig(**job.config)
     data = StreamedData(plan.labels, plan.longest, plan.split_rows("train"))
-    relay = EpochRelay(cfg.epochs)  # Ray forwards no worker output when quiet
+    relay = EpochRelay(cfg.epochs) if show_epochs else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "job": asdict(job),
             "data": asdict(data),
             "weights": weights,
-            "relay": relay.queue,
+            "relay": relay.queue if relay else None,
         },
         datasets=training_datasets(inputs, plan, cfg),
         dataset_config=StreamSplitConfig(),
@@ -310,10 +327,11 @@ def run_job(
             checkpoint_config=KEPT_CHECKPOINTS,
             worker_runtime_env={"env_vars": forwarded_env()},
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
     )
     try:
-        with relay:
+        with relay or nullcontext():
             result = trainer.fit()
     except (Exception, KeyboardInterrupt):
         client.set_terminated(job.run_id, status="FAILED")

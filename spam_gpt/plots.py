@@ -1,5 +1,6 @@
-"""The chapter's loss and accuracy plots (epochs below, examples seen above) and a
-confusion-matrix plot, each written as PDF and PNG."""
+"""The chapter's loss and accuracy plots (epochs below, examples seen above), a
+confusion-matrix plot and a sweep's test accuracy per variant, each written as PDF and
+PNG."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs on headless workers
 import matplotlib.pyplot as plt
+import pandas as pd
 import torch
 
 from spam_gpt.training import TrainingHistory
@@ -83,3 +85,30 @@ def plot_confusion_matrix(
     ax.set_title("Test set")
     fig.tight_layout()
     return save_figure(fig, Path(out_dir), "confusion-matrix")
+
+
+def plot_sweep(trials: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """``test-accuracy``: a bar per variant (the mean over its seeds), a dot per trial."""
+    variants = list(dict.fromkeys(trials["variant"]))  # in the grid's order
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(variants)))
+    means = [trials.loc[trials["variant"] == v, "test_accuracy"].mean() * 100 for v in variants]
+    ax.barh(range(len(variants)), means, color="tab:blue", alpha=0.6)
+    rows = [variants.index(v) for v in trials["variant"]]
+    ax.scatter(trials["test_accuracy"] * 100, rows, color="black", s=12, zorder=3)
+    for row, mean in enumerate(means):
+        ax.annotate(
+            f"{mean:.2f}%",
+            (mean, row),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(range(len(variants)), variants, fontsize=8)
+    ax.invert_yaxis()
+    low = min(trials["test_accuracy"]) * 100
+    ax.set_xlim(max(0.0, low - 5), 101)
+    ax.set_xlabel("Test accuracy (%)")
+    ax.set_title("Test accuracy per variant (bar: mean over seeds; dots: trials)", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, "test-accuracy")

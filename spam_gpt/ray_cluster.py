@@ -28,8 +28,9 @@ def connect(
     else:
         cpus = max(os.cpu_count() or 1, num_cpus or 1)
         # A training job starts a worker process per worker, Ray Data's and Train's actors
-        # and the progress relay at once; Ray warns past 4x this many (default: cores).
-        startup = {"worker_maximum_startup_concurrency": max(4, cpus)}
+        # and the progress relay at once, a sweep that for each trial running; Ray warns
+        # past 4x this many (default: cores).
+        startup = {"worker_maximum_startup_concurrency": max(8, cpus)}
         ray.init(num_cpus=cpus, _system_config=startup, **quiet)
     console.mute()  # Ray Data's and Serve's loggers exist now
 

@@ -110,5 +110,5 @@ def serve_forever(
         print("Shutting down…", flush=True)
         # Serve's controller ends its own graceful shutdown by killing itself, and Ray
         # reports the killed task as an error: a line for the log, not for the terminal.
-        with console.stdout_into_log(linger_s=1.0):
+        with console.prints_into_log(linger_s=1.0):
             serve.shutdown()

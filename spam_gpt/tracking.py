@@ -31,6 +31,7 @@ DEFAULT_REGISTERED_MODEL = "spam-gpt"
 JOB_TAG = "spam_gpt.job"
 VERSION_TAG = "spam_gpt.registered_version"
 RESULTS_TAG = "spam_gpt.results_logged"
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
 PYFUNC_MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
 EVAL_METRICS = ("train_loss", "val_loss", "examples_seen")
 EPOCH_METRICS = ("train_accuracy", "val_accuracy")
@@ -109,11 +110,20 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def open_run(client: MlflowClient, experiment: str, run_name: str, job: dict, params: dict) -> str:
-    """Create the job's run, tagged with the job description that ``--resume`` reads."""
-    run = client.create_run(
-        ensure_experiment(client, experiment), run_name=run_name, tags={JOB_TAG: json.dumps(job)}
-    )
+def open_run(
+    client: MlflowClient,
+    experiment: str,
+    run_name: str,
+    job: dict,
+    params: dict,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create the job's run, tagged with the job description that ``--resume`` reads,
+    nested under ``parent_run_id`` when given."""
+    tags = {JOB_TAG: json.dumps(job)}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
     return run.info.run_id
 
@@ -160,10 +170,12 @@ class RunLogger:
     def note_resume(self, epoch: int) -> None:
         self.client.set_tag(self.run_id, "resumed_from_epoch", str(epoch))
 
-    def log_results(self, metrics: dict, output_dir: Path, register_as: str | None) -> str | None:
-        """Final metrics, plots, ``metrics.json``, the checkpoint and the pyfunc model,
-        registered as a new version of ``register_as``. Done once: a worker group that is
-        restarted after this step finds the run marked and leaves it alone."""
+    def log_results(
+        self, metrics: dict, output_dir: Path, register_as: str | None, log_model: bool = True
+    ) -> str | None:
+        """Final metrics, plots, ``metrics.json``, and (``log_model``) the checkpoint and the
+        pyfunc model, registered as a new version of ``register_as``. Done once: a worker
+        group that is restarted after this step finds the run marked and leaves it alone."""
         tags = self.client.get_run(self.run_id).data.tags
         if RESULTS_TAG in tags:
             return tags.get(VERSION_TAG)
@@ -173,22 +185,33 @@ class RunLogger:
         for path in sorted(output_dir.iterdir()):
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
-        self.client.log_artifacts(self.run_id, str(output_dir / "model"), "checkpoint")
-        version = log_pyfunc_model(
-            self.client.tracking_uri,
-            self.run_id,
-            output_dir / "model",
-            register_as,
-            metrics["labels"],
-        )
-        if version is not None:
-            accuracy = f"{metrics['test_accuracy']:.4f}"
-            self.client.set_model_version_tag(register_as, version, "test_accuracy", accuracy)
-            labels = ",".join(metrics["labels"])
-            self.client.set_model_version_tag(register_as, version, "labels", labels)
-            self.client.set_tag(self.run_id, VERSION_TAG, version)
+        version = None
+        if log_model:
+            version = log_model_of_run(self.client, self.run_id, output_dir, register_as, metrics)
         self.client.set_tag(self.run_id, RESULTS_TAG, "true")
         return version
+
+
+def log_model_of_run(
+    client: MlflowClient, run_id: str, output_dir: Path, register_as: str | None, metrics: dict
+) -> str | None:
+    """A training run's checkpoint (``output_dir/model``) and pyfunc model into its run,
+    registered as a new version of ``register_as`` (returned) when given."""
+    client.log_artifacts(run_id, str(output_dir / "model"), "checkpoint")
+    version = log_pyfunc_model(
+        client.tracking_uri, run_id, output_dir / "model", register_as, metrics["labels"]
+    )
+    if version is not None:
+        tag_version(client, run_id, register_as, version, metrics)
+    return version
+
+
+def tag_version(client: MlflowClient, run_id: str, name: str, version: str, metrics: dict) -> None:
+    """What a registered version's readers look for first: test accuracy and labels; the
+    run notes the version it became."""
+    client.set_model_version_tag(name, version, "test_accuracy", f"{metrics['test_accuracy']:.4f}")
+    client.set_model_version_tag(name, version, "labels", ",".join(metrics["labels"]))
+    client.set_tag(run_id, VERSION_TAG, version)
 
 
 def pyfunc_signature(labels: list[str]) -> ModelSignature:
