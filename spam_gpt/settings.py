@@ -17,7 +17,7 @@ import yaml
 
 SETTINGS_FILE = "ray_config.yaml"
 SETTINGS_ENV = "SPAM_GPT_CONFIG"
-JOB_COMMANDS = ("train", "score", "serve")
+JOB_COMMANDS = ("train", "sweep", "score", "serve")
 
 
 class SettingsError(ValueError):
