@@ -237,6 +237,8 @@ def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
         "0",
         "--register-as",
         "stop-resume",
+        "--keep",
+        "best",
     )
     kill_a_worker_after_first_checkpoint(out)
     thread.join(timeout=600)
@@ -251,7 +253,12 @@ def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["resumed_from_epoch"]) >= 1
     assert_complete_histories(client, run.info.run_id, epochs=3)
-    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.9
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.9
+    # --keep best: the best epoch's weights came through the restart with the checkpoint.
+    val_accs = metrics["history"]["val_accs"]
+    assert metrics["kept_epoch"] == val_accs.index(max(val_accs)) + 1
+    assert metrics["validation_accuracy"] == pytest.approx(val_accs[metrics["kept_epoch"] - 1])
 
 
 def test_resume_names_what_it_could_not_find(tmp_path, capsys):
