@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from spam_gpt.classifier import SpamClassifier, set_trainable_layers
-from spam_gpt.model import GPT2_SIZES, MODEL_CONFIGS, GPTModel, generate_text_simple
+from spam_gpt.model import (
+    GPT2_SIZES,
+    MODEL_CONFIGS,
+    GPTModel,
+    generate_text_simple,
+    init_gpt2_weights,
+    model_config,
+)
 
 
 def count(model: torch.nn.Module, trainable: bool = False) -> int:
@@ -54,6 +61,32 @@ def test_greedy_generation_appends_the_argmax_token():
     assert out.shape == (1, 7) and out[0, :4].tolist() == ids[0].tolist()
     with torch.no_grad():
         assert out[0, 4].item() == model(ids)[0, -1].argmax().item()
+
+
+def test_greedy_generation_decodes_each_prompt_of_a_batch_on_its_own():
+    model = small_gpt()
+    prompts = torch.tensor([[5211, 345, 423, 640], [40, 1842, 257, 3797]])
+    together = generate_text_simple(model, prompts, max_new_tokens=4, context_size=256)
+    for row, prompt in enumerate(prompts):
+        alone = generate_text_simple(model, prompt[None], max_new_tokens=4, context_size=256)
+        assert torch.equal(together[row], alone[0])
+
+
+def test_gpt2_initialisation_draws_weights_at_std_0_02_and_zero_biases():
+    torch.manual_seed(0)
+    model = GPTModel(model_config("tiny"))
+    init_gpt2_weights(model)
+    linear = model.trf_blocks[0].ff.layers[0]
+    for weights in (model.tok_emb.weight, model.pos_emb.weight, linear.weight):
+        assert abs(weights.mean().item()) < 0.002
+        assert weights.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(linear.bias) == 0
+
+
+def test_an_unknown_model_name_lists_the_known_ones():
+    assert model_config("tiny") is MODEL_CONFIGS["tiny"]
+    with pytest.raises(ValueError, match="unknown model 'gpt5'; choose one of gpt2-small"):
+        model_config("gpt5")
 
 
 def test_token_choices_read_the_intended_position():

@@ -15,7 +15,7 @@ import torch
 from transformers import GPT2LMHeadModel, GPT2Model
 
 from spam_gpt.cli import main
-from spam_gpt.model import generate_text_simple
+from spam_gpt.model import GPTConfig, generate_text_simple
 from spam_gpt.packing import pack_sequences
 from spam_gpt.tokenizer import encode_text, get_tokenizer
 from spam_gpt.weights import (
@@ -24,6 +24,7 @@ from spam_gpt.weights import (
     cached_weights,
     is_weights_folder,
     load_pretrained_gpt,
+    read_hf_config,
     resolve_weights,
 )
 
@@ -222,7 +223,10 @@ def test_another_architecture_is_refused_before_its_weights_are_fetched(hub):
     hub.repo("meta/tiny-llama").add(
         {"config.json": json.dumps(config).encode(), "model.safetensors": b"x" * 1000}
     )
-    with pytest.raises(WeightsNotFound, match=r"'llama' model \(LlamaForCausalLM\), not GPT-2"):
+    with pytest.raises(
+        WeightsNotFound,
+        match=r"meta/tiny-llama holds a 'llama' model \(LlamaForCausalLM\), not GPT-2",
+    ):
         resolve_weights("meta/tiny-llama")
     assert hub.downloads("model.safetensors") == 0
 
@@ -247,3 +251,79 @@ def test_offline_without_weights_says_how_to_provide_them(tmp_path):
 def test_a_folder_without_weights_is_refused(tmp_path):
     with pytest.raises(WeightsNotFound, match=r"no config\.json"):
         resolve_weights(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(WeightsNotFound, match=r"no config\.json with model\.safetensors"):
+        resolve_weights(str(tmp_path))  # a config alone is not a checkpoint
+
+
+def sharded(scaled_gpt2_dir: Path, folder: Path) -> dict[str, bytes]:
+    GPT2LMHeadModel.from_pretrained(scaled_gpt2_dir).save_pretrained(folder, max_shard_size="200KB")
+    return folder_files(folder)
+
+
+def test_a_revision_is_cached_and_found_again_without_a_request(scaled_gpt2_dir, tmp_path, hub):
+    """Each file of a revision comes from that revision, and the cache finds it again with
+    the Hub online but not asked: a single-file and a sharded repository whose ``main``
+    holds something else."""
+    single, shards = hub.repo("team/single"), hub.repo("team/shards")
+    v1_single = single.add(published(scaled_gpt2_dir, tmp_path), "v1")
+    v1_shards = shards.add(sharded(scaled_gpt2_dir, tmp_path / "sharded"), "v1")
+    other = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"not weights"}
+    single.add(other, "main")
+    shards.add(other, "main")
+    assert resolve_weights("team/single@v1").name == v1_single
+    assert resolve_weights("team/shards@v1").name == v1_shards
+    assert (resolve_weights("team/shards@v1") / INDEX_FILE).is_file()
+    asked = len(hub.requests)
+    assert cached_weights("team/single@v1").name == v1_single
+    assert cached_weights("team/shards@v1").name == v1_shards
+    assert cached_weights("team/single") is None  # main was never fetched
+    assert len(hub.requests) == asked
+
+
+def test_a_revision_without_weights_is_named_with_it(hub):
+    hub.repo("team/config-only").add({"config.json": b'{"model_type": "gpt2"}'}, "v2")
+    with pytest.raises(WeightsNotFound, match=r"team/config-only@v2 has no config\.json with"):
+        resolve_weights("team/config-only@v2")
+
+
+def write_config(folder: Path, **fields) -> Path:
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", **fields}))
+    return folder
+
+
+def test_a_config_without_sizes_is_gpt2_small(tmp_path):
+    assert read_hf_config(write_config(tmp_path)) == GPTConfig(
+        vocab_size=50257,
+        context_length=1024,
+        emb_dim=768,
+        n_heads=12,
+        n_layers=12,
+        drop_rate=0.0,
+        qkv_bias=True,
+    )
+    sized = write_config(tmp_path, n_ctx=512, n_embd=64, n_head=4, n_layer=2, vocab_size=100)
+    assert read_hf_config(sized, drop_rate=0.1) == GPTConfig(
+        vocab_size=100, context_length=512, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.1
+    )
+    assert read_hf_config(write_config(tmp_path, n_positions=256, n_ctx=512)).context_length == 256
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh"])
+def test_both_names_of_gpt2s_tanh_gelu_are_accepted(tmp_path, activation):
+    config = read_hf_config(write_config(tmp_path, activation_function=activation))
+    assert config.emb_dim == 768
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"activation_function": "gelu"}, "activation 'gelu' is not GPT-2's tanh GELU"),
+        ({"activation_function": "relu"}, "activation 'relu' is not GPT-2's tanh GELU"),
+        ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon must be GPT-2's 1e-5"),
+        ({"layer_norm_epsilon": 1e-3}, "layer_norm_epsilon must be GPT-2's 1e-5"),
+    ],
+)
+def test_a_config_that_is_not_gpt2s_arithmetic_is_refused(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        read_hf_config(write_config(tmp_path, **fields))
