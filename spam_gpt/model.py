@@ -39,7 +39,7 @@ GPT2_SIZES = {
 }
 SMALL_CONFIGS = {
     # Sized for a 2-core CPU: the embedding table dominates, the blocks stay cheap.
-    "tiny": GPTConfig(context_length=256, emb_dim=64, n_heads=4, n_layers=2),
+    "tiny": GPTConfig(context_length=256, emb_dim=64, n_heads=4, n_layers=1),
     "mini": GPTConfig(context_length=512, emb_dim=256, n_heads=4, n_layers=4),
 }
 MODEL_CONFIGS = {**GPT2_SIZES, **SMALL_CONFIGS}

@@ -110,13 +110,23 @@ def test_token_choices_read_the_intended_position():
     ("trainable", "expected"),
     [
         ("last_layer", {"out_head"}),
-        ("last_block", {"out_head", "final_norm", "trf_blocks.1"}),
-        ("last_two_blocks", {"out_head", "final_norm", "trf_blocks.1", "trf_blocks.0"}),
-        ("all", {"out_head", "final_norm", "trf_blocks.1", "trf_blocks.0", "tok_emb", "pos_emb"}),
+        ("last_block", {"out_head", "final_norm", "trf_blocks.3"}),
+        ("last_two_blocks", {"out_head", "final_norm", "trf_blocks.3", "trf_blocks.2"}),
+        (
+            "all",
+            {
+                "out_head",
+                "final_norm",
+                "tok_emb",
+                "pos_emb",
+                *(f"trf_blocks.{i}" for i in range(4)),
+            },
+        ),
     ],
 )
 def test_trainable_layers(trainable, expected):
-    classifier = SpamClassifier(small_gpt())
+    torch.manual_seed(0)
+    classifier = SpamClassifier(GPTModel(model_config("mini")))  # four blocks
     assert classifier.gpt.out_head.out_features == 2
     set_trainable_layers(classifier, trainable)
     trained = {
