@@ -73,7 +73,7 @@ def check_gpt2_config(config: Path, origin: str) -> None:
         )
 
 
-def fetch(repo: str, revision: str | None, filename: str, local_only: bool = False) -> Path:
+def fetch(repo: str, revision: str | None, filename: str, *, local_only: bool) -> Path:
     return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_only))
 
 
@@ -81,17 +81,19 @@ def fetch_weight_files(repo: str, revision: str | None, local_only: bool = False
     """The snapshot folder holding the config and every safetensors file of ``repo``:
     the shards a ``model.safetensors.index.json`` names, else ``model.safetensors``. The
     config comes first and must be GPT-2's, so another architecture costs no download."""
-    check_gpt2_config(fetch(repo, revision, CONFIG_FILE, local_only), reference(repo, revision))
+    check_gpt2_config(
+        fetch(repo, revision, CONFIG_FILE, local_only=local_only), reference(repo, revision)
+    )
     try:
-        index = fetch(repo, revision, INDEX_FILE, local_only)
+        index = fetch(repo, revision, INDEX_FILE, local_only=local_only)
     except RemoteEntryNotFoundError:
-        return fetch(repo, revision, SINGLE_FILE, local_only).parent
+        return fetch(repo, revision, SINGLE_FILE, local_only=local_only).parent
     except LocalEntryNotFoundError:
         if not knows_missing(repo, revision):
             raise
-        return fetch(repo, revision, SINGLE_FILE, local_only).parent
+        return fetch(repo, revision, SINGLE_FILE, local_only=local_only).parent
     for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        fetch(repo, revision, shard, local_only)
+        fetch(repo, revision, shard, local_only=local_only)
     return index.parent
 
 

@@ -12,6 +12,7 @@ from spam_gpt.model import (
     GPT2_SIZES,
     MODEL_CONFIGS,
     GPTModel,
+    MultiHeadAttention,
     generate_text_simple,
     init_gpt2_weights,
     model_config,
@@ -81,6 +82,18 @@ def test_gpt2_initialisation_draws_weights_at_std_0_02_and_zero_biases():
         assert abs(weights.mean().item()) < 0.002
         assert weights.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.count_nonzero(linear.bias) == 0
+
+
+def test_attention_drops_out_while_training_only():
+    cfg = dataclasses.replace(MODEL_CONFIGS["tiny"], drop_rate=0.5)
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(cfg)
+    x = torch.randn(2, 10, cfg.emb_dim)
+    assert not torch.equal(attention(x), attention(x))  # a module starts in training mode
+    attention.eval()
+    assert torch.equal(attention(x), attention(x))
+    with pytest.raises(ValueError, match="emb_dim 64 is not divisible by n_heads 5"):
+        MultiHeadAttention(dataclasses.replace(cfg, n_heads=5))
 
 
 def test_an_unknown_model_name_lists_the_known_ones():

@@ -327,3 +327,108 @@ def test_both_names_of_gpt2s_tanh_gelu_are_accepted(tmp_path, activation):
 def test_a_config_that_is_not_gpt2s_arithmetic_is_refused(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         read_hf_config(write_config(tmp_path, **fields))
+
+
+def not_found(source: str, repo: str, reason: str) -> str:
+    """The whole of resolve_weights' message for a Hub reference it could not use."""
+    return (
+        f"no weights for {source!r}: not a folder; {reason}. Provide them with --weights PATH "
+        f"(a folder with config.json and model.safetensors, e.g. from `hf download {repo}` on "
+        "a machine that is online), or train from scratch with --weights random (the `tiny` "
+        "preset does)"
+    )
+
+
+def message_of(source: str) -> str:
+    with pytest.raises(WeightsNotFound) as error:
+        resolve_weights(source)
+    return str(error.value)
+
+
+def test_each_failure_says_what_to_do_in_full(scaled_gpt2_dir, tmp_path, hub, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    hub.repo("team/private").add(published(scaled_gpt2_dir, tmp_path))
+    hub.repo("team/private").token = "hf_secret"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert message_of("team/private") == not_found(
+        "team/private",
+        "team/private",
+        "no repository 'team/private' on the Hub, or it is private or gated and no token with "
+        "access was sent (set HF_TOKEN or run `hf auth login`)",
+    )
+    hub.repo("team/public").add(published(scaled_gpt2_dir, tmp_path))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with monkeypatch.context() as patch:  # a cache that cannot be written
+        patch.setattr(hf, "HF_HUB_CACHE", str(blocked / "hf-cache"))
+        assert message_of("team/public").startswith(
+            "no weights for 'team/public': not a folder; download failed: [Errno 20] Not a "
+            "directory"
+        )
+    hub.repo("team/config-only").add({"config.json": b'{"model_type": "gpt2"}'})
+    assert message_of("team/config-only") == not_found(
+        "team/config-only",
+        "team/config-only",
+        "team/config-only has no config.json with model.safetensors: not a safetensors GPT-2",
+    )
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    assert message_of("gpt2-large") == not_found(
+        "gpt2-large",
+        "openai-community/gpt2-large",
+        "not in the Hugging Face cache, and offline (HF_HUB_OFFLINE) or unreachable",
+    )
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    assert message_of(str(folder)) == (
+        f"{folder} has no config.json with model.safetensors; point --weights at a folder "
+        "laid out like a Hugging Face GPT-2 repository"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "found"),
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "LlamaForCausalLM"),
+        (
+            {"model_type": "bert", "architectures": ["BertModel", "BertForMaskedLM"]},
+            "BertModel, BertForMaskedLM",
+        ),
+        ({"model_type": "t5"}, "t5"),
+    ],
+)
+def test_a_local_folder_of_another_architecture_is_named(tmp_path, config, found):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert message_of(str(tmp_path)) == (
+        f"{tmp_path} holds a {config['model_type']!r} model ({found}), not GPT-2; --weights "
+        "needs a GPT-2-architecture model in safetensors (gpt2-small … gpt2-xl, or one of "
+        "your own)"
+    )
+
+
+def test_a_config_without_model_type_is_gpt2s(scaled_gpt2_dir, tmp_path):
+    folder = hub_layout(scaled_gpt2_dir, tmp_path / "untyped")
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert resolve_weights(str(folder)) == folder
+
+
+def test_dropout_comes_from_the_caller_and_is_off_by_default(scaled_gpt2_dir):
+    assert load_pretrained_gpt(str(scaled_gpt2_dir))[0].cfg.drop_rate == 0.0
+    assert load_pretrained_gpt(str(scaled_gpt2_dir), drop_rate=0.2)[0].cfg.drop_rate == 0.2
+
+
+def test_the_head_is_tied_to_the_token_embeddings_whatever_lm_head_holds(scaled_gpt2_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "untied"
+    folder.mkdir()
+    tensors = load_file(scaled_gpt2_dir / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["transformer.wte.weight"])
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_bytes((scaled_gpt2_dir / "config.json").read_bytes())
+    ours = load_pretrained_gpt(str(folder))[0]
+    assert torch.equal(ours.out_head.weight, tensors["lm_head.weight"])
+    assert_matches_transformers(ours.eval(), GPT2LMHeadModel.from_pretrained(folder).eval())
