@@ -98,7 +98,8 @@ def test_attention_drops_out_while_training_only():
 
 def test_an_unknown_model_name_lists_the_known_ones():
     assert model_config("tiny") is MODEL_CONFIGS["tiny"]
-    with pytest.raises(ValueError, match="unknown model 'gpt5'; choose one of gpt2-small"):
+    known = "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini"
+    with pytest.raises(ValueError, match=f"^unknown model 'gpt5'; choose one of {known}$"):
         model_config("gpt5")
 
 

@@ -407,6 +407,28 @@ def test_a_local_folder_of_another_architecture_is_named(tmp_path, config, found
     )
 
 
+def test_another_architecture_at_a_revision_is_named_with_it(hub):
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    hub.repo("meta/llama").add({"config.json": json.dumps(config).encode()}, "v1")
+    assert message_of("meta/llama@v1").startswith("meta/llama@v1 holds a 'llama' model")
+
+
+def test_a_checkpoint_missing_a_tensor_names_it(scaled_gpt2_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    tensors = load_file(scaled_gpt2_dir / "model.safetensors")
+    del tensors["transformer.h.1.ln_2.bias"]
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_bytes((scaled_gpt2_dir / "config.json").read_bytes())
+    with pytest.raises(ValueError) as error:
+        load_pretrained_gpt(str(folder))
+    assert str(error.value) == (
+        f"{folder}: tensor 'h.1.ln_2.bias' is missing; is this a GPT-2 checkpoint?"
+    )
+
+
 def test_a_config_without_model_type_is_gpt2s(scaled_gpt2_dir, tmp_path):
     folder = hub_layout(scaled_gpt2_dir, tmp_path / "untyped")
     config = json.loads((folder / "config.json").read_text())
