@@ -107,12 +107,15 @@ def run_trial(
 
 
 class TrialLines(tune.Callback):
-    """A line per finished or failed trial, printed by the driver to ``out`` (the
-    terminal, while Tune's own output goes to the log)."""
+    """Each trial's summary row as it arrives, and a line per finished or failed trial,
+    printed by the driver to ``out`` (the terminal, while Tune's own output goes to the
+    log). Rows are kept as reported: the epoch reports that Tune's callback forwards from
+    Ray Train may reach Tune after the row, so a trial's last result need not hold it."""
 
     def __init__(self, total: int, out: TextIO):
         self.total = total
         self.out = out
+        self.rows: dict[int, dict] = {}
 
     def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment
         return {"total": self.total}
@@ -120,8 +123,12 @@ class TrialLines(tune.Callback):
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["total"], sys.stdout)
 
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "summary" in result:
+            self.rows[result["summary"]["trial"]] = result["summary"]
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        row = trial.last_result.get("summary")
+        row = self.rows.get(trial.config["trial"]["number"])
         if row:
             print(
                 f"Trial {row['trial']}/{self.total} ({row['variant']}, seed {row['seed']}): "
@@ -177,6 +184,7 @@ def run_sweep(
         {"number": t.number, "variant": t.variant, "seed": t.seed, "config": t.config.to_dict()}
         for t in trials
     ]
+    lines = TrialLines(len(trials), sys.stdout)
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
         param_space={"trial": tune.grid_search(grid)},
@@ -189,7 +197,7 @@ def run_sweep(
             name=settings.name,
             storage_path=str(Path(settings.output, "ray").resolve()),
             verbose=0,
-            callbacks=[TrialLines(len(trials), sys.stdout)],
+            callbacks=[lines],
         ),
     )
     try:
@@ -201,7 +209,7 @@ def run_sweep(
     rows = []
     for result in results:
         trial = result.config["trial"]
-        summary = (result.metrics or {}).get("summary")
+        summary = lines.rows.get(trial["number"])
         error = None if summary else str(result.error or "no result").strip().splitlines()[-1]
         rows.append(summary if summary else failed_row(trial, error))
     return finish_sweep(client, settings, summary_frame(rows), register_as)
