@@ -59,6 +59,7 @@ def test_the_parent_run_has_four_child_runs_with_test_accuracy(sweep):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "test-accuracy.png"} <= artifacts
     summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and summary["error"].isna().all()  # every trial reported
     by_run = {r.info.run_id: r.data.metrics["test_accuracy"] for r in children}
     assert dict(zip(summary["run_id"], summary["test_accuracy"])) == pytest.approx(by_run)
 
@@ -76,7 +77,7 @@ def test_the_best_trial_is_registered_and_classify_loads_it(sweep, mlflow_server
     out, client = sweep
     summary = pd.read_csv(out / "summary.csv")
     ranked = summary.sort_values(
-        ["validation_accuracy", "trainable_parameters"], ascending=[False, True]
+        ["validation_accuracy", "trainable_parameters", "trial"], ascending=[False, True, True]
     )
     best = ranked.iloc[0]
     version = client.get_model_version("sweep-best", "1")
