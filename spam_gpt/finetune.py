@@ -181,7 +181,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = None
-    best = BestWeights() if cfg.keep == "best" else None
+    best = BestWeights(loaders.final["validation"]) if cfg.keep == "best" else None
     if resume is not None:
         classifier.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)

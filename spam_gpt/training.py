@@ -164,9 +164,11 @@ EpochHook = Callable[[TrainingHistory], None]
 
 class BestWeights:
     """``--keep best``: a copy of the weights of the best epoch so far, put back at the
-    end, so the final evaluation and the saved model are that epoch's."""
+    end, so the final evaluation and the saved model are that epoch's. Epochs are judged on
+    ``judged_on``, the whole validation set as the final evaluation reads it."""
 
-    def __init__(self, state: dict | None = None):
+    def __init__(self, judged_on: Iterable[Batch], state: dict | None = None):
+        self.judged_on = judged_on
         self.state = state
 
     def remember(self, model: torch.nn.Module) -> None:
@@ -211,7 +213,7 @@ def train_classifier_simple(
     ``val_loader``. ``max_steps`` ends training after that many optimizer steps, with
     the epoch's accuracies and hook as at any epoch's end. ``history`` continues a
     stopped run from its last finished epoch; ``examples_seen`` counts examples over all
-    workers. ``keep_best`` measures each epoch's validation accuracy on the whole
+    workers. ``keep_best`` measures each epoch's validation accuracy on its whole
     validation set and ends with the best epoch's weights; ``patience`` stops after that
     many epochs without a better one. ``verbose`` prints the chapter's lines; ``progress``
     adds a bar (off on Ray workers, whose output is not a terminal).
@@ -268,9 +270,14 @@ def train_classifier_simple(
         train_accuracy = calc_accuracy_loader(
             train_probe, model, device, eval_iter, reduce, num_classes
         )
-        val_accuracy = calc_accuracy_loader(
-            val_loader, model, device, None if keep_best else eval_iter, reduce, num_classes
-        )
+        if keep_best:
+            val_accuracy = calc_accuracy_loader(
+                keep_best.judged_on, model, device, None, reduce, num_classes
+            )
+        else:
+            val_accuracy = calc_accuracy_loader(
+                val_loader, model, device, eval_iter, reduce, num_classes
+            )
         log(
             f"Training accuracy: {train_accuracy * 100:.2f}% | "
             f"Validation accuracy: {val_accuracy * 100:.2f}%"
