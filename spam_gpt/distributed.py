@@ -51,7 +51,7 @@ from spam_gpt.handed_weights import (
 from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, training_datasets
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
 from spam_gpt.ray_cluster import connect, require_cpus
-from spam_gpt.tracking import RunLogger, git_commit, job_of_run, open_run
+from spam_gpt.tracking import RunLogger, git_commit, job_of_run, job_tags, open_run
 from spam_gpt.training import TrainingHistory, say
 from spam_gpt.training_state import load_training_state, save_training_state
 
@@ -236,7 +236,8 @@ def new_job(
     }
     client = MlflowClient(tracking_uri)
     job_tag = {k: v for k, v in asdict(job).items() if k != "params"}
-    job.run_id = open_run(client, experiment, job.ray_name, job_tag, job.params, parent_run_id)
+    tags = job_tags(job_tag, parent_run_id)
+    job.run_id = open_run(client, experiment, job.ray_name, job.params, tags)
     job.save()
     return job
 

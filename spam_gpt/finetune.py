@@ -181,14 +181,14 @@ def finetune(
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = None
-    best = BestWeights(loaders.final["validation"]) if cfg.keep == "best" else None
     if resume is not None:
         classifier.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)
         torch.set_rng_state(resume.rng)
         history = resume.history
-        if best:
-            best.state = resume.best
+    best = None
+    if cfg.keep == "best":
+        best = BestWeights(loaders.final["validation"], resume.best if resume else None)
 
     def state_after(finished: TrainingHistory) -> TrainingState:
         weights, rng = classifier.state_dict(), torch.get_rng_state()

@@ -20,7 +20,7 @@ from typing import TextIO
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -38,7 +38,7 @@ from spam_gpt.sweep_summary import (
     summary_row,
     write_summary,
 )
-from spam_gpt.tracking import ensure_experiment, log_model_of_run
+from spam_gpt.tracking import log_model_of_run, open_run
 
 SWEEP_TAG = "spam_gpt.sweep"
 # A trial's function only waits on its Ray Train run, whose workers (and Ray Data) hold the
@@ -70,7 +70,6 @@ class SweepResult:
     summary: pd.DataFrame
     best: pd.Series | None
     registered_version: str | None
-    files: list[Path]
 
 
 def run_trial(
@@ -149,14 +148,6 @@ def trial_label(trial) -> str:
     return f"trial-{trial.config['trial']['number']:02d}"
 
 
-def open_sweep_run(settings: SweepSettings, params: dict) -> str:
-    client = MlflowClient(settings.tracking_uri)
-    experiment = ensure_experiment(client, settings.experiment)
-    run = client.create_run(experiment, run_name=settings.name, tags={SWEEP_TAG: "true"})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    return run.info.run_id
-
-
 def run_sweep(
     trials: list[Trial],
     settings: SweepSettings,
@@ -169,8 +160,9 @@ def run_sweep(
 ) -> SweepResult:
     """Run every trial on the connected Ray, at most ``trials_at_once`` together."""
     settings.name = settings.name or f"spam-gpt-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    settings.parent_run_id = open_sweep_run(settings, params)
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    tags = {SWEEP_TAG: "true"}
+    settings.parent_run_id = open_run(client, settings.experiment, settings.name, params, tags)
     print(
         f"Sweep of {len(trials)} trials, {trials_at_once} at once; MLflow run "
         f"{settings.parent_run_id} in experiment {settings.experiment!r}",
@@ -220,8 +212,7 @@ def finish_sweep(
 ) -> SweepResult:
     """Summary files into ``--output`` and the parent run; the best trial registered."""
     run_id = settings.parent_run_id
-    files = write_summary(frame, Path(settings.output))
-    for path in files:
+    for path in write_summary(frame, Path(settings.output)):
         client.log_artifact(run_id, str(path))
     best = best_trial(frame)
     version = None
@@ -247,7 +238,7 @@ def finish_sweep(
             version = log_model_of_run(client, best["run_id"], folder, register_as, metrics)
     failed = bool((frame["error"] != "").any())
     client.set_terminated(run_id, status="FAILED" if failed and best is None else "FINISHED")
-    return SweepResult(frame, best, version, files)
+    return SweepResult(frame, best, version)
 
 
 def describe(result: SweepResult, register_as: str | None) -> str:

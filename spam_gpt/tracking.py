@@ -111,21 +111,21 @@ def git_commit() -> str:
 
 
 def open_run(
-    client: MlflowClient,
-    experiment: str,
-    run_name: str,
-    job: dict,
-    params: dict,
-    parent_run_id: str | None = None,
+    client: MlflowClient, experiment: str, run_name: str, params: dict, tags: dict[str, str]
 ) -> str:
-    """Create the job's run, tagged with the job description that ``--resume`` reads,
-    nested under ``parent_run_id`` when given."""
-    tags = {JOB_TAG: json.dumps(job)}
-    if parent_run_id:
-        tags[PARENT_TAG] = parent_run_id
+    """Create a run (a training job's or a sweep's) with its tags and parameters."""
     run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
     return run.info.run_id
+
+
+def job_tags(job: dict, parent_run_id: str | None = None) -> dict[str, str]:
+    """A job run's tags: the job description that ``--resume`` reads, and the sweep run
+    it is nested under, if any."""
+    tags = {JOB_TAG: json.dumps(job)}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    return tags
 
 
 def job_of_run(client: MlflowClient, run_id: str) -> dict:

@@ -1,9 +1,8 @@
 """What a stopped or failed training run needs to continue exactly where it was.
 
-Saved after every epoch: the classifier and optimizer tensors (and, for ``--keep best``,
-the best epoch's weights) (``torch.save``, read back
-with ``weights_only=True`` so no code is unpickled), the RNG state that decides the next
-shuffle, and the history as JSON.
+Saved after every epoch: the classifier and optimizer tensors, and for ``--keep best`` the
+best epoch's weights (``torch.save``, read back with ``weights_only=True`` so no code is
+unpickled), the RNG state that decides the next shuffle, and the history as JSON.
 """
 
 from __future__ import annotations
