@@ -1,8 +1,8 @@
-"""Serving throughput and latency, with ``@serve.batch`` on and off.
+"""Serving throughput and latency, with batching on and off.
 
     python benchmarks/serve.py [--models tiny gpt2-small] [--requests 2000 400] [--seconds 30]
         [--precision fp32|bf16] [--threads N] [--replicas N] [--concurrency 1 8 32]
-        [--max-batch-size 32] [--batch-wait-timeout-s 0.01] [--high-throughput]
+        [--max-batch-size 32] [--high-throughput]
 
 For each model (random weights) and batching on/off, the replicas (by default one, with
 every core) serve ``POST /classify`` on 127.0.0.1; a load generator keeps 1, 8 and 32
@@ -121,7 +121,6 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument(
         "--high-throughput", action="store_true", help="Serve's HAProxy ingress, as in serve"
     )
@@ -151,7 +150,6 @@ def main() -> None:
                 "replicas": args.replicas,
                 "precision": args.precision,
                 "max_batch_size": args.max_batch_size if batching else 1,
-                "batch_wait_timeout_s": args.batch_wait_timeout_s if batching else 0.0,
             }
             if args.high_throughput:
                 use_high_throughput_ingress(address=None)

@@ -152,15 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
     serve.add_argument("--threads", type=int, default=1, help="CPUs and torch threads per replica")
     serve.add_argument(
-        "--max-batch-size", type=int, default=32, help="requests per forward pass (default 32)"
-    )
-    serve.add_argument(
-        "--batch-wait-timeout-s",
-        type=float,
-        default=0.01,
-        help="how long a batch waits to fill (default 0.01)",
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="most requests per forward pass (default 32); a request that finds the model "
+        "idle starts at once, those arriving during a pass form the next one",
     )
     serve.add_argument("--no-batching", action="store_true", help="one request per forward pass")
+    serve.add_argument(
+        "--api-key-file",
+        help="require Authorization: Bearer KEY on /classify and /model, KEY one of this "
+        "file's lines (also read: SPAM_GPT_API_KEYS, comma-separated). On a cluster the path "
+        "must exist on every node (a mounted secret). Without keys the endpoint is open",
+    )
+    serve.add_argument(
+        "--reload-interval-s",
+        type=float,
+        default=30.0,
+        help="with --model models:/NAME@ALIAS, how often each replica checks where the alias "
+        "points and switches to a new version without downtime (default 30; 0: never)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of the local Ray's Prometheus metrics (default: Ray picks one and the "
+        "command prints it); on a cluster, each node's --metrics-export-port",
+    )
     serve.add_argument(
         "--high-throughput",
         action="store_true",
@@ -623,7 +640,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from spam_gpt.model_ref import pin_model_ref
+    from spam_gpt.api_keys import read_api_keys
+    from spam_gpt.model_ref import alias_of, pin_model_ref
     from spam_gpt.server import serve_forever, use_high_throughput_ingress
     from spam_gpt.tracking import absolute_tracking_uri
 
@@ -635,19 +653,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.high_throughput:
         use_high_throughput_ingress(args.address)
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
+    follow = alias_of(args.model) is not None and args.reload_interval_s > 0
+    key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        read_api_keys(key_file)  # a bad key file stops here, not in a replica
+    pinned = pin_model_ref(args.model, tracking_uri)  # also checks that the model exists
     app_args = {
-        "model": pin_model_ref(args.model, tracking_uri),
+        "model": args.model if follow else pinned,  # an alias followed stays an alias
         "tracking_uri": tracking_uri,
         "precision": args.precision,
         "max_batch_size": 1 if args.no_batching else args.max_batch_size,
-        "batch_wait_timeout_s": 0.0 if args.no_batching else args.batch_wait_timeout_s,
+        "api_key_file": key_file,
+        "reload_interval_s": args.reload_interval_s,
         "threads": args.threads,
         "gpu": args.gpu,
         "replicas": args.replicas,
         "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,
     }
-    serve_forever(app_args, args.host, args.port, args.address, args.runtime_env, args.detach)
+    serve_forever(
+        app_args,
+        args.host,
+        args.port,
+        args.address,
+        args.runtime_env,
+        args.detach,
+        metrics_port=args.metrics_port,
+    )
 
 
 COMMANDS = {

@@ -1,8 +1,8 @@
 """One way to name a model everywhere downstream (classify, score, serve).
 
-A reference is a local checkpoint folder, ``runs:/<run id>/<path>`` or
-``models:/<name>/<version or alias>``; MLflow references are downloaded once and the
-checkpoint inside them found by its ``spam_gpt.json``.
+A reference is a local checkpoint folder, ``runs:/<run id>/<path>``,
+``models:/<name>/<version or alias>`` or ``models:/<name>@<alias>``; MLflow references are
+downloaded once and the checkpoint inside them found by its ``spam_gpt.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,25 @@ def find_checkpoint(folder: Path) -> Path:
     return found[0]
 
 
+def split_registered(ref: str) -> tuple[str, str]:
+    """(name, version or alias) of ``models:/NAME/VERSION``, ``models:/NAME/ALIAS`` or
+    ``models:/NAME@ALIAS``; the second part is empty for ``models:/NAME``."""
+    path = ref.removeprefix("models:/")
+    if "@" in path:
+        name, _, alias = path.partition("@")
+        return name, alias
+    name, _, version = path.partition("/")
+    return name, version
+
+
+def alias_of(ref: str) -> tuple[str, str] | None:
+    """(name, alias) when ``ref`` names a registered model by an alias that can move."""
+    if not ref.startswith("models:/"):
+        return None
+    name, version = split_registered(ref)
+    return None if version.isdigit() or version in ("", "latest") else (name, version)
+
+
 def model_version_of(ref: str, tracking_uri: str | None) -> tuple[str, str]:
     """(name, version) of an MLflow reference; aliases and ``latest`` resolved to the
     version they point at now."""
@@ -39,7 +58,7 @@ def model_version_of(ref: str, tracking_uri: str | None) -> tuple[str, str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    name, _, version = ref.removeprefix("models:/").partition("/")
+    name, version = split_registered(ref)
     if version in ("", "latest"):
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
@@ -51,8 +70,11 @@ def model_version_of(ref: str, tracking_uri: str | None) -> tuple[str, str]:
     return name, str(version)
 
 
-def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[Path, str, str]:
-    """A local checkpoint folder for ``ref``, with the model's name and version."""
+def resolve_model(
+    ref: str, tracking_uri: str | None = None, into: str | None = None
+) -> tuple[Path, str, str]:
+    """A local checkpoint folder for ``ref``, with the model's name and version; an MLflow
+    model is downloaded ``into`` that folder (default: a new temporary one)."""
     if not ref.startswith(MLFLOW_SCHEMES):
         folder = Path(ref).expanduser()
         if not folder.exists():
@@ -68,12 +90,13 @@ def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[Path, str,
     uri = absolute_tracking_uri(tracking_uri)
     try:
         name, version = model_version_of(ref, uri)
-        target = tempfile.mkdtemp(prefix="spam-gpt-model-")
+        target = into or tempfile.mkdtemp(prefix="spam-gpt-model-")
         # MLflow 3 resolves a version's logged-model source through the process-wide URIs,
         # ignoring the ones passed to download_artifacts: set them.
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=target)
+        pinned = f"models:/{name}/{version}" if ref.startswith("models:/") else ref
+        local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=target)
     except MlflowException as error:
         raise FileNotFoundError(
             f"cannot load {ref} from MLflow at {uri}: {error.message}"
@@ -82,9 +105,10 @@ def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[Path, str,
 
 
 def load_predictor(ref: str, tracking_uri: str | None = None, **kwargs) -> Predictor:
-    """A :class:`Predictor` for any model reference."""
-    folder, name, version = resolve_model(ref, tracking_uri)
-    predictor = Predictor.from_checkpoint(str(folder), **kwargs)
+    """A :class:`Predictor` for any model reference; a download is removed once loaded."""
+    with tempfile.TemporaryDirectory(prefix="spam-gpt-model-") as download:
+        folder, name, version = resolve_model(ref, tracking_uri, into=download)
+        predictor = Predictor.from_checkpoint(str(folder), **kwargs)
     predictor.meta.name, predictor.meta.version = name, version
     return predictor
 

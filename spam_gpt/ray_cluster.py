@@ -11,12 +11,16 @@ from spam_gpt import console
 
 
 def connect(
-    address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None
+    address: str | None = None,
+    num_cpus: int | None = None,
+    runtime_env: dict | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``); else start a local Ray with enough CPUs.
 
     A local Ray gets at least ``num_cpus`` logical CPUs even on a smaller machine, so a job
-    asking for more workers than cores runs oversubscribed instead of waiting forever.
+    asking for more workers than cores runs oversubscribed instead of waiting forever, and
+    exports its Prometheus metrics on ``metrics_port`` (default: a free port).
     """
     if ray.is_initialized():
         return
@@ -31,8 +35,15 @@ def connect(
         # and the progress relay at once, a sweep that for each trial running; Ray warns
         # past 4x this many (default: cores).
         startup = {"worker_maximum_startup_concurrency": max(8, cpus)}
-        ray.init(num_cpus=cpus, _system_config=startup, **quiet)
+        ray.init(num_cpus=cpus, _system_config=startup, _metrics_export_port=metrics_port, **quiet)
     console.mute()  # Ray Data's and Serve's loggers exist now
+
+
+def metrics_url() -> str:
+    """Where Prometheus scrapes this node's metrics (every node of a cluster has its own)."""
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def require_cpus(needed: int, what: str) -> None:

@@ -39,13 +39,14 @@ def use_high_throughput_ingress(address: str | None) -> None:
     os.environ.update(HIGH_THROUGHPUT_ENV)
 
 
-def wait_until_healthy(url: str, timeout: float = 300) -> None:
+def wait_until_healthy(url: str, timeout: float = 300) -> dict:
+    """What ``/healthz`` answers once it answers 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
                 if response.status == 200:
-                    return
+                    return json.loads(response.read())
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url}/healthz did not answer within {timeout:.0f} s")
@@ -63,7 +64,12 @@ def classify_over_http(url: str, text: str, timeout: float = 60) -> dict:
 
 
 def deploy(
-    app_args: dict, host: str, port: int, address: str | None, runtime_env: dict | None = None
+    app_args: dict,
+    host: str,
+    port: int,
+    address: str | None,
+    runtime_env: dict | None = None,
+    metrics_port: int | None = None,
 ) -> str:
     """Run the application on Ray Serve and wait until it answers; returns its URL."""
     from ray import serve
@@ -71,7 +77,8 @@ def deploy(
     from spam_gpt.serving import build_app
 
     replicas = app_args.get("max_replicas") or app_args.get("replicas") or 1
-    connect(address, num_cpus=replicas * app_args.get("threads", 1) + 1, runtime_env=runtime_env)
+    cpus = replicas * app_args.get("threads", 1) + 1
+    connect(address, num_cpus=cpus, runtime_env=runtime_env, metrics_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
     args = {k: v for k, v in app_args.items() if v is not None}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
@@ -92,15 +99,28 @@ def serve_forever(
     address: str | None,
     runtime_env: dict | None = None,
     detach: bool = False,
+    metrics_port: int | None = None,
 ) -> None:
     """Deploy, then block until Ctrl-C or SIGTERM (even during start-up) and shut Serve
     down cleanly."""
     from ray import serve
 
+    from spam_gpt.ray_cluster import metrics_url
+
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        url = deploy(app_args, host, port, address, runtime_env)
+        url = deploy(app_args, host, port, address, runtime_env, metrics_port)
+        health = wait_until_healthy(url)  # answers at once now: says whether keys are needed
         print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
+        if health.get("api_keys") == "required":
+            print("API keys required: send Authorization: Bearer KEY", flush=True)
+        else:
+            print(
+                "Open to anyone who can reach it: no API keys (--api-key-file or "
+                "SPAM_GPT_API_KEYS to require them)",
+                flush=True,
+            )
+        print(f"Prometheus metrics: {metrics_url()}", flush=True)
         if detach:
             return
         print("Press Ctrl-C to stop.", flush=True)

@@ -1,8 +1,10 @@
 """The classification endpoint: a Ray Serve deployment behind a FastAPI ingress.
 
-Concurrent ``POST /classify`` requests meet in ``@serve.batch`` and share one forward
-pass. Every malformed request is answered with a 4xx that says what was wrong, before it
-reaches the model: the replica never sees bad input.
+Concurrent ``POST /classify`` requests share forward passes (:mod:`spam_gpt.batching`):
+one that finds the model idle starts at once, those that arrive during a pass form the
+next. Every malformed request is answered with a 4xx that says what was wrong, before it
+reaches the model. With API keys, classifying and ``/model`` need ``Authorization: Bearer
+KEY``; ``/healthz``, the page and the API docs stay open.
 
 No ``from __future__ import annotations`` here: FastAPI must see the request models as
 classes, not strings, through Serve's ingress wrapper.
@@ -10,121 +12,34 @@ classes, not strings, through Serve's ingress wrapper.
 
 import asyncio
 import json
+import logging
 from importlib import resources
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-MAX_BODY_BYTES = 1_000_000
-MAX_TEXTS = 256
-MAX_TEXT_CHARS = 100_000
-# Requests per forward pass and how long a batch waits to fill; each replica applies its own.
+from spam_gpt.api_keys import KEYS_VARIABLE, KeyCheck, read_api_keys
+from spam_gpt.api_models import (
+    MAX_BODY_BYTES,
+    BatchRequest,
+    BatchResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    ModelInfo,
+)
+from spam_gpt.batching import PassBatcher
+from spam_gpt.body_limit import BodyLimit
+
+logger = logging.getLogger("ray.serve")
+
+# Requests per forward pass; each replica applies its own.
 MAX_BATCH_SIZE = 32
-BATCH_WAIT_TIMEOUT_S = 0.01
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: StrictStr = Field(max_length=MAX_TEXT_CHARS, description="the message to classify")
-
-    @field_validator("text")
-    @classmethod
-    def not_blank(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("text is empty")
-        return text
-
-
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    texts: list[StrictStr] = Field(min_length=1, max_length=MAX_TEXTS)
-
-    @field_validator("texts")
-    @classmethod
-    def none_blank(cls, texts: list[str]) -> list[str]:
-        blank = [i for i, text in enumerate(texts) if not text.strip()]
-        if blank:
-            raise ValueError(f"texts {blank[:10]} are empty")
-        too_long = [i for i, text in enumerate(texts) if len(text) > MAX_TEXT_CHARS]
-        if too_long:
-            raise ValueError(f"texts {too_long[:10]} exceed {MAX_TEXT_CHARS} characters")
-        return texts
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-
-
-class ClassifyResponse(BaseModel):
-    label: str = Field(description="the most probable label")
-    probability: float = Field(description="that label's probability")
-    probabilities: dict[str, float] = Field(description="every label's probability")
-    spam_probability: float | None = Field(
-        default=None, description="P(spam), for models whose labels are spam and one other"
-    )
-    model: ModelInfo
-
-
-class BatchResponse(BaseModel):
-    predictions: list[ClassifyResponse]
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, before parsing."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self.reject(send, 413 if declared.isdigit() else 400)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self.reject(send, 413)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def reject(self, send, status: int) -> None:
-        reason = (
-            f"request body exceeds {self.limit:,} bytes"
-            if status == 413
-            else "Content-Length is not a number"
-        )
-        payload = json.dumps({"error": reason}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+RELOAD_INTERVAL_S = 30.0
 
 
 def describe_errors(error: RequestValidationError) -> str:
@@ -136,13 +51,40 @@ def describe_errors(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+class KeyRefused(Exception):
+    """A protected route was called without a valid API key."""
+
+
 api = FastAPI(
     title="spam-gpt",
     description="Classify SMS messages with a fine-tuned GPT-2 (spam or not spam, or the "
     "labels the model was trained on).",
     version="1.0",
 )
-api.add_middleware(BodyLimit)
+api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+bearer = HTTPBearer(
+    auto_error=False,
+    description="an API key, when the endpoint was started with keys "
+    "(--api-key-file or SPAM_GPT_API_KEYS)",
+)
+
+
+def require_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> None:
+    """A dependency of the protected routes, checked before the body is validated: a
+    client without a key learns nothing about its request."""
+    if not request.app.state.key_check.allows(credentials.credentials if credentials else None):
+        raise KeyRefused()
+
+
+PROTECTED = [Depends(require_key)]
+REFUSALS = {
+    401: {"model": ErrorResponse, "description": "no API key, or a wrong one"},
+    413: {"model": ErrorResponse, "description": f"body over {MAX_BODY_BYTES:,} bytes"},
+    422: {"model": ErrorResponse, "description": "the body is not a valid request"},
+}
 
 
 @api.exception_handler(RequestValidationError)
@@ -153,6 +95,15 @@ async def validation_error(_request: Request, error: RequestValidationError) -> 
             "error": describe_errors(error),
             "detail": json.loads(json.dumps(error.errors(), default=str)),
         },
+    )
+
+
+@api.exception_handler(KeyRefused)
+async def key_refused(_request: Request, _error: KeyRefused) -> JSONResponse:
+    return JSONResponse(
+        status_code=401,
+        content={"error": "this endpoint needs an API key: send Authorization: Bearer KEY"},
+        headers={"WWW-Authenticate": "Bearer"},
     )
 
 
@@ -168,63 +119,98 @@ class SpamClassifierService:
         tracking_uri: str | None = None,
         precision: str = "fp32",
         max_batch_size: int = MAX_BATCH_SIZE,
-        batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
         threads: int = 1,
         device: str = "cpu",
+        api_key_file: str | None = None,
+        reload_interval_s: float = RELOAD_INTERVAL_S,
     ):
         import torch
 
+        from spam_gpt.live_model import LiveModel
         from spam_gpt.model_ref import load_predictor
+        from spam_gpt.serve_metrics import ServeMetrics
 
         torch.set_num_threads(threads)
-        self.predictor = load_predictor(model, tracking_uri, precision=precision, device=device)
-        self.reference = model
-        self.info = ModelInfo(name=self.predictor.meta.name, version=self.predictor.meta.version)
-        self.classify_many.set_max_batch_size(max_batch_size)
-        self.classify_many.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.keys = KeyCheck(read_api_keys(api_key_file))
+        api.state.key_check = self.keys
+        if not self.keys.required:
+            logger.warning(
+                "spam-gpt: no API keys, the endpoint answers anyone who reaches it "
+                f"(--api-key-file or {KEYS_VARIABLE} to require keys)"
+            )
+        self.metrics = ServeMetrics()
+
+        def load(reference: str):
+            return load_predictor(reference, tracking_uri, precision=precision, device=device)
+
+        def loaded(predictor, seconds: float, replaced: str | None) -> None:
+            meta = predictor.meta
+            self.metrics.loaded(meta.name, meta.version, seconds, replaced)
+
+        self.model = LiveModel(model, load, tracking_uri, on_loaded=loaded)
+        self.reload_interval_s = reload_interval_s
+        if self.model.alias is not None and reload_interval_s > 0:
+            self.model.follow(reload_interval_s)
+        self.batcher = PassBatcher(self.responses, max_batch_size) if max_batch_size > 1 else None
 
     def responses(self, texts: list[str]) -> list[ClassifyResponse]:
+        """One forward pass, on the version answering when it starts."""
+        predictor = self.model.current
+        predictions = predictor.predict(texts)
+        info = ModelInfo(name=predictor.meta.name, version=predictor.meta.version)
+        self.metrics.answered([p.label for p in predictions], info.version)
         return [
             ClassifyResponse(
                 label=p.label,
                 probability=p.probability,
                 probabilities=p.probabilities,
                 spam_probability=p.spam_probability,
-                model=self.info,
+                model=info,
             )
-            for p in self.predictor.predict(texts)
+            for p in predictions
         ]
 
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
-    async def classify_many(self, texts: list[str]) -> list[ClassifyResponse]:
-        """One forward pass for the requests that met here, run on the event loop on
-        purpose: Serve forms the next batch whenever the loop is free, so a model running
-        off the loop would see the waiting requests cut into many small batches (measured
-        at concurrency 32 on gpt2-small, batches of up to 16: 4 requests per pass)."""
-        return self.responses(texts)
-
-    @api.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
+    @api.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        response_model_exclude_none=True,
+        responses=REFUSALS,
+        dependencies=PROTECTED,
+    )
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Label one message; concurrent calls share a forward pass."""
-        return await self.classify_many(request.text)
+        if self.batcher is None:  # --no-batching: one message per pass, on the event loop
+            return self.responses([request.text])[0]
+        return await self.batcher.submit(request.text)
 
-    @api.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True)
+    @api.post(
+        "/classify/batch",
+        response_model=BatchResponse,
+        response_model_exclude_none=True,
+        responses=REFUSALS,
+        dependencies=PROTECTED,
+    )
     async def classify_batch(self, request: BatchRequest) -> BatchResponse:
-        """Label up to 256 messages, answered in input order."""
+        """Label up to 256 messages (MAX_TEXTS), answered in input order."""
         # Off the event loop: a large batch must not hold up single requests or health checks.
         return BatchResponse(predictions=await asyncio.to_thread(self.responses, request.texts))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        """200 once the model is loaded: the replica answers only after loading it."""
-        return {"status": "ok"}
+        """200 once the model is loaded (the replica answers only after loading it); open
+        to load balancers even when the endpoint needs API keys."""
+        return {"status": "ok", "api_keys": "required" if self.keys.required else "open"}
 
-    @api.get("/model")
+    @api.get("/model", responses={401: REFUSALS[401]}, dependencies=PROTECTED)
     async def model(self) -> dict:
-        """Which model answers, how it was trained, and how it scored."""
-        meta = self.predictor.meta
+        """Which model answers, how it was trained, how it scored, and whether the
+        endpoint follows an alias to new versions."""
+        meta = self.model.current.meta
+        following = self.model.status()
+        if following is not None:
+            following["reload_interval_s"] = self.reload_interval_s
         return {
-            "reference": self.reference,
+            "reference": self.model.reference,
             "name": meta.name,
             "version": meta.version,
             "config": {
@@ -237,6 +223,7 @@ class SpamClassifierService:
             "labels": meta.labels,
             "test_accuracy": meta.metrics.get("test_accuracy"),
             "metrics": meta.metrics,
+            "following": following,
         }
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -247,13 +234,19 @@ class SpamClassifierService:
 def build_app(args: dict):
     """Application builder for ``serve run`` / ``serve deploy`` configs.
 
-    ``args`` keys: model (required), tracking_uri, precision, max_batch_size,
-    batch_wait_timeout_s, threads, replicas or min_replicas/max_replicas, gpu,
-    max_ongoing_requests (per replica, default 64).
+    ``args`` keys: model (required), tracking_uri, precision, max_batch_size, threads,
+    replicas or min_replicas/max_replicas, gpu, max_ongoing_requests (per replica, default
+    64), api_key_file (a path on every node, such as a mounted secret), reload_interval_s
+    (how often a ``models:/NAME@ALIAS`` model checks its alias; 0: never).
     """
     args = dict(args)
     if "model" not in args:
         raise ValueError("the serve config needs args.model (a checkpoint or MLflow reference)")
+    if args.pop("batch_wait_timeout_s", None) is not None:
+        logger.warning(
+            "spam-gpt: batch_wait_timeout_s is no longer used (batches form while a pass "
+            "runs, with no wait); remove it from the config"
+        )
     replicas = args.pop("replicas", None)
     bounds = (args.pop("min_replicas", None), args.pop("max_replicas", None))
     gpu = bool(args.pop("gpu", False))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spam_gpt.api_keys import KEYS_VARIABLE
 from spam_gpt.cli import build_parser
 from spam_gpt.server import HIGH_THROUGHPUT_ENV
 
@@ -93,10 +94,13 @@ def test_rayservice_deploys_the_real_application():
     cluster = service["spec"]["rayClusterConfig"]
     ray_cluster_spec_ok(cluster)
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    assert app["args"]["model"] == "models:/spam-gpt@champion"  # followed, no redeploy
+    assert not any("key" in name for name in app["args"])  # keys never in the config
     for pod in pods:  # Serve's HAProxy ingress on every node, as `serve --high-throughput`
-        env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0]["env"]}
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
         for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
-            assert env[name] == HIGH_THROUGHPUT_ENV[name]
+            assert env[name]["value"] == HIGH_THROUGHPUT_ENV[name]
+        assert env[KEYS_VARIABLE]["valueFrom"]["secretKeyRef"]["name"] == "spam-gpt-api-keys"
 
 
 def test_mlflow_manifest_serves_the_uri_the_jobs_use():

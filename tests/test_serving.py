@@ -1,9 +1,12 @@
-"""The endpoint over real HTTP: the API, batching, every bad request, and the web page."""
+"""The endpoint over real HTTP: the API, batching, API keys, metrics, every bad request,
+requests generated from its own OpenAPI schema, and the web page."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -11,23 +14,34 @@ from unittest import mock
 
 import pytest
 
+from spam_gpt.api_keys import KEYS_VARIABLE
+from spam_gpt.api_models import MAX_BODY_BYTES, MAX_TEXT_CHARS, MAX_TEXTS
+from spam_gpt.ray_cluster import metrics_url
 from spam_gpt.server import deploy, use_high_throughput_ingress
-from spam_gpt.serving import MAX_TEXTS
 
 from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port, haproxy_running
 
+KEY = "test-key-7f3a"  # from a key file behind Serve's proxy, from the environment behind HAProxy
+
 
 @pytest.fixture(scope="module", params=[False, True], ids=["serve-proxy", "haproxy"])
-def service(request, tiny_run):
+def service(request, tiny_run, tmp_path_factory):
     """The endpoint behind Serve's own proxy, then behind HAProxy (``--high-throughput``),
-    each on a local Ray of its own: every test below runs against both."""
+    each on a local Ray of its own and needing an API key: every test below runs against
+    both."""
     import ray
     from ray import serve
 
-    args = {"model": str(tiny_run / "model"), "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
-    with mock.patch.dict(os.environ):  # the high-throughput variables leave with this Ray
+    args = {"model": str(tiny_run / "model"), "max_batch_size": 8}
+    with mock.patch.dict(os.environ):  # the variables set here leave with this Ray
+        os.environ.pop(KEYS_VARIABLE, None)
         if request.param:
             use_high_throughput_ingress(address=None)
+            os.environ[KEYS_VARIABLE] = f"another-key,{KEY}"
+        else:
+            key_file = tmp_path_factory.mktemp("keys") / "api-keys"
+            key_file.write_text(f"# keys for the tests\n{KEY}\nanother-key\n")
+            args["api_key_file"] = str(key_file)
         url = deploy(args, "127.0.0.1", free_port(), address=None)
         yield url
         serve.shutdown()
@@ -38,13 +52,14 @@ def test_the_ingress_is_the_one_asked_for(service, request):
     assert haproxy_running() == request.node.callspec.params["service"]
 
 
-def call(url: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    """(status, parsed JSON or text) of one request; errors are answers, not exceptions."""
+def call(url: str, path: str, body: bytes | None = None, headers: dict | None = None, key=KEY):
+    """(status, parsed JSON or text) of one request with the API key (``key=None``:
+    none); errors are answers, not exceptions."""
+    headers = headers or {"Content-Type": "application/json"}
+    if key is not None:
+        headers = {**headers, "Authorization": f"Bearer {key}"}
     request = urllib.request.Request(
-        url + path,
-        data=body,
-        headers=headers or {"Content-Type": "application/json"},
-        method="POST" if body is not None else "GET",
+        url + path, data=body, headers=headers, method="POST" if body is not None else "GET"
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -91,22 +106,119 @@ def test_concurrent_requests_are_answered_like_single_ones(service):
 
 
 def test_overlong_text_is_truncated_not_refused(service):
-    status, body = post(service, "/classify", {"text": "free prize " * 5000})
+    text = ("free prize " * 1000)[:MAX_TEXT_CHARS]  # about 1,000 tokens, read up to 120
+    status, body = post(service, "/classify", {"text": text})
     assert status == 200 and body["label"] in ("spam", "not spam")
 
 
 def test_health_model_docs_and_page(service):
-    assert call(service, "/healthz") == (200, {"status": "ok"})
+    assert call(service, "/healthz", key=None) == (200, {"status": "ok", "api_keys": "required"})
     status, model = call(service, "/model")
     assert status == 200 and model["reference"].endswith("model")
     assert 0.9 < model["test_accuracy"] <= 1.0 and model["config"]["token"] == "last_real"
-    status, schema = call(service, "/openapi.json")
+    status, schema = call(service, "/openapi.json", key=None)
     assert status == 200 and {"/classify", "/classify/batch", "/healthz", "/model"} <= set(
         schema["paths"]
     )
-    assert call(service, "/docs")[0] == 200
-    status, page = call(service, "/")
+    assert call(service, "/docs", key=None)[0] == 200
+    status, page = call(service, "/", key=None)
     assert status == 200 and "<form" in page and "classify" in page
+
+
+def test_classifying_needs_one_of_the_keys(service):
+    body = json.dumps({"text": CHAPTER_SPAM}).encode()
+    refusal = "this endpoint needs an API key: send Authorization: Bearer KEY"
+    for path, payload in (("/classify", body), ("/classify/batch", b'{"texts": ["hi"]}')):
+        assert call(service, path, payload, key=None) == (401, {"error": refusal})
+        assert call(service, path, payload, key="not-a-key") == (401, {"error": refusal})
+        assert call(service, path, payload, key="another-key")[0] == 200
+    basic = {"Content-Type": "application/json", "Authorization": f"Basic {KEY}"}
+    assert call(service, "/classify", body, headers=basic, key=None)[0] == 401
+    assert call(service, "/model", key=None)[0] == 401
+    request = urllib.request.Request(service + "/classify", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.headers["WWW-Authenticate"] == "Bearer"
+
+
+def scrape(pattern: str, timeout: float = 90) -> list[str]:
+    """The lines of Ray's Prometheus endpoint that match ``pattern``, once there are some
+    (Ray exports every few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(metrics_url(), timeout=30) as response:
+            text = response.read().decode()
+        lines = [line for line in text.splitlines() if re.match(pattern, line)]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(2)
+
+
+def sample_value(lines: list[str], **labels: str) -> float:
+    """The sum of the samples whose labels include ``labels``."""
+    wanted = [f'{name}="{value}"' for name, value in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if all(w in line for w in wanted))
+
+
+def test_metrics_count_predictions_batches_and_the_model(service):
+    texts = [CHAPTER_SPAM, CHAPTER_HAM] * 4
+    labels = [post(service, "/classify", {"text": t})[1]["label"] for t in texts]
+    predictions = scrape(r"ray_spam_gpt_predictions(_total)?\{")
+    for label in set(labels):  # other tests' requests count too: at least these
+        assert sample_value(predictions, label=label, model_version="local") >= labels.count(label)
+    batches = scrape(r"ray_spam_gpt_batch_size_bucket\{")
+    assert sample_value(batches, le="+Inf") >= len(texts)
+    answering = scrape(r"ray_spam_gpt_model_version_answering\{")
+    assert sample_value(answering, model_name="model", model_version="local") == 1
+    assert sample_value(scrape(r"ray_spam_gpt_model_load_seconds\{")) > 0
+    serve_requests = scrape(r"ray_serve_deployment_request_counter(_total)?\{")
+    assert sample_value(serve_requests, deployment="SpamClassifierService") >= len(texts)
+
+
+def openapi_request_bodies(service: str) -> dict[str, dict]:
+    """Each POST route's request schema, as one self-contained JSON Schema document."""
+    status, spec = call(service, "/openapi.json", key=None)
+    assert status == 200
+    bodies = {}
+    for path, methods in spec["paths"].items():
+        if "post" in methods:
+            schema = methods["post"]["requestBody"]["content"]["application/json"]["schema"]
+            bodies[path] = {**schema, "components": spec["components"]}
+    return bodies
+
+
+def test_every_request_the_schema_allows_is_answered_2xx(service):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis_jsonschema import from_schema
+
+    bodies = openapi_request_bodies(service)
+    assert set(bodies) == {"/classify", "/classify/batch"}
+    examples = settings(
+        max_examples=30,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    for path, schema in bodies.items():
+
+        @examples
+        @given(from_schema(schema))
+        def answered(payload):
+            status, answer = post(service, path, payload)  # noqa: B023 (called right here)
+            assert 200 <= status < 300, (path, payload, answer)  # noqa: B023
+
+        answered()
+
+
+def test_the_largest_body_the_schema_allows_is_answered(service):
+    """Every text at its longest, in the characters JSON writes longest (a 12-byte
+    escape pair each): still under the body limit, and classified."""
+    payload = {"texts": ["\U0001f600" * MAX_TEXT_CHARS] * MAX_TEXTS}
+    body = json.dumps(payload).encode()
+    assert len(body) <= MAX_BODY_BYTES
+    status, answer = call(service, "/classify/batch", body)
+    assert status == 200 and len(answer["predictions"]) == MAX_TEXTS
 
 
 BAD_REQUESTS = {
@@ -120,7 +232,9 @@ BAD_REQUESTS = {
     "not an object": (b'["hi"]', 422, "valid dictionary"),
     "invalid UTF-8": (b'{"text": "\xff\xfe bad"}', 400, ""),
     "absurd nesting": (b"[" * 200_000 + b"]" * 200_000, 400, ""),
-    "body too large": (json.dumps({"text": "x" * 1_100_000}).encode(), 413, "exceeds"),
+    "text too long": (json.dumps({"text": "x" * (MAX_TEXT_CHARS + 1)}).encode(), 422, "at most"),
+    # urllib writes all 20 MB before it reads: the 413 must still reach it, not a reset
+    "body of 20 MB": (json.dumps({"text": "x" * 20_000_000}).encode(), 413, "exceeds"),
 }
 
 
@@ -138,7 +252,8 @@ def test_bad_requests_get_a_4xx_that_says_what_was_wrong(service, case):
     [
         ({"texts": []}, "texts: List should have at least 1 item"),
         ({"texts": ["a"] * (MAX_TEXTS + 1)}, f"at most {MAX_TEXTS} items"),
-        ({"texts": ["fine", ""]}, "texts [1] are empty"),
+        ({"texts": ["fine", ""]}, "texts.1: Value error, text is empty"),
+        ({"texts": ["fine", "x" * (MAX_TEXT_CHARS + 1)]}, "texts.1: String should have at most"),
         ({"texts": ["fine", None]}, "texts.1: Input should be a valid string"),
         ({"texts": "one string"}, "texts: Input should be a valid list"),
     ],
@@ -155,7 +270,7 @@ def test_wrong_method_and_path_are_4xx(service):
     assert 400 <= status < 500
 
 
-def test_the_page_classifies_a_typed_message_in_chromium(service):
+def test_the_page_asks_for_the_key_and_classifies_a_typed_message_in_chromium(service):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -177,6 +292,10 @@ def test_the_page_classifies_a_typed_message_in_chromium(service):
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         driver.get(service + "/")
+        key_field = WebDriverWait(driver, 30).until(  # the page asks for the key
+            expected_conditions.visibility_of_element_located((By.ID, "key"))
+        )
+        key_field.send_keys(KEY)
         driver.find_element(By.ID, "text").send_keys(CHAPTER_SPAM)
         driver.find_element(By.ID, "submit").click()
         label = WebDriverWait(driver, 30).until(
