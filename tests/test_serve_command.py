@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 
+from spam_gpt.api_keys import KEYS_VARIABLE
 from spam_gpt.cli import main
 from spam_gpt.server import classify_over_http
 
 from .conftest import CHAPTER_SPAM, NOISE, free_port, haproxy_running, wait_for_http
 
 
-@pytest.mark.parametrize("options", [[], ["--high-throughput"]], ids=["serve-proxy", "haproxy"])
-def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, options):
+@pytest.mark.parametrize("keyed", [False, True], ids=["serve-proxy-open", "haproxy-keys"])
+def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, keyed):
+    """Open behind Serve's proxy; behind HAProxy with an API key file."""
+    key_file = tmp_path / "api-keys"
+    key_file.write_text("serve-command-key\n")
+    options = ["--high-throughput", "--api-key-file", str(key_file)] if keyed else []
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
@@ -34,6 +42,7 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, options):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != KEYS_VARIABLE},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -42,8 +51,12 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, options):
         while "Press Ctrl-C" not in (tmp_path / "serve.log").read_text():
             assert time.monotonic() < deadline, "serve never said it was ready"
             time.sleep(0.2)
-        assert classify_over_http(url, CHAPTER_SPAM, timeout=30)["label"] == "spam"
-        assert haproxy_running() == bool(options)
+        if keyed:
+            with pytest.raises(urllib.error.HTTPError, match="401"):
+                classify_over_http(url, CHAPTER_SPAM, timeout=30)
+        else:
+            assert classify_over_http(url, CHAPTER_SPAM, timeout=30)["label"] == "spam"
+        assert haproxy_running() == keyed
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0
     finally:
@@ -51,6 +64,8 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, options):
         log.close()
     output = (tmp_path / "serve.log").read_text()
     assert f"Serving {tiny_run / 'model'} at {url}" in output and "Shutting down" in output
+    assert ("API keys required" if keyed else "Open to anyone who can reach it") in output
+    assert re.search(r"Prometheus metrics: http://\S+:\d+/metrics", output)
     assert not [line for line in output.splitlines() if NOISE.search(line)]  # Ray's: in its log
     assert output.splitlines()[-1].startswith("Logs: ")
     try:
@@ -67,3 +82,12 @@ def test_high_throughput_on_a_running_cluster_says_where_to_set_it(tiny_run, cap
     error = capsys.readouterr().err
     assert "start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1" in error
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in error
+
+
+def test_a_missing_key_file_stops_serve_before_ray_starts(tiny_run, tmp_path, capsys):
+    import ray
+
+    missing = tmp_path / "no-such-keys"
+    assert main(["serve", "--model", str(tiny_run / "model"), "--api-key-file", str(missing)])
+    assert f"cannot read the API key file {missing}" in capsys.readouterr().err
+    assert not ray.is_initialized()
