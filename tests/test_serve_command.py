@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import urllib.request
 
 import pytest
 
-from spam_gpt.api_keys import KEYS_VARIABLE
 from spam_gpt.cli import main
 from spam_gpt.server import classify_over_http
 
@@ -42,7 +40,6 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, keyed):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != KEYS_VARIABLE},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -34,7 +34,6 @@ def service(request, tiny_run, tmp_path_factory):
 
     args = {"model": str(tiny_run / "model"), "max_batch_size": 8}
     with mock.patch.dict(os.environ):  # the variables set here leave with this Ray
-        os.environ.pop(KEYS_VARIABLE, None)
         if request.param:
             use_high_throughput_ingress(address=None)
             os.environ[KEYS_VARIABLE] = f"another-key,{KEY}"
