@@ -4,7 +4,7 @@
 
 For each model (random weights: speed does not depend on training) it writes the corpus
 replicated to ``--rows`` rows of Parquet and measures rows per second of
-  (a) ``spam-gpt score`` (Ray Data, one actor with every core), in fp32 and bf16;
+  (a) ``spam-gpt score`` (Ray Data, one actor with every core), in fp32, bf16 and int8;
   (b) the chapter's ``classify_review`` loop: each message padded to 120, one at a time;
   (c) transformers' ``GPT2ForSequenceClassification`` with the same weights, batches of
       64 in input order padded to their longest message.
@@ -33,6 +33,7 @@ from spam_gpt.scoring import run_scoring
 from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
 
 THREADS = os.cpu_count() or 1
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def write_corpus(path: Path, rows: int) -> list[str]:
@@ -149,28 +150,23 @@ def main() -> None:
         f"{args.rows:,} rows in {work / 'messages.parquet'}"
     )
     print(
-        "| model | (a) job fp32 | (a) job bf16 | (b) chapter loop | (c) transformers | "
-        "(a)/(b) fp32, bf16 | (a)/(c) fp32, bf16 |"
+        "| model | (a) job fp32 | (a) job bf16 | (a) job int8 | (b) chapter loop | "
+        "(c) transformers | (a)/(b) fp32, bf16, int8 | (a)/(c) fp32, bf16, int8 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows, sample in zip(args.models, job_rows, samples):
         checkpoint = random_checkpoint(name, work)
         parquet = work / "messages.parquet"
         if rows < args.rows:
             parquet = work / f"messages-{rows}.parquet"
             pq.write_table(pq.read_table(work / "messages.parquet").slice(0, rows), parquet)
-        job = {
-            p: scoring_job(checkpoint, parquet, work / f"out-{name}-{p}", p)
-            for p in ("fp32", "bf16")
-        }
+        job = {p: scoring_job(checkpoint, parquet, work / f"out-{name}-{p}", p) for p in PRECISIONS}
         loop = chapter_loop(checkpoint, texts[:sample])
         hf = transformers_batched(checkpoint, texts[:sample])
-        print(
-            f"| {name} | {job['fp32']:.1f} | {job['bf16']:.1f} | {loop:.1f} | {hf:.1f} | "
-            f"{job['fp32'] / loop:.1f}x, {job['bf16'] / loop:.1f}x | "
-            f"{job['fp32'] / hf:.1f}x, {job['bf16'] / hf:.1f}x |",
-            flush=True,
-        )
+        rates = " | ".join(f"{job[p]:.1f}" for p in PRECISIONS)
+        over_loop = ", ".join(f"{job[p] / loop:.1f}x" for p in PRECISIONS)
+        over_hf = ", ".join(f"{job[p] / hf:.1f}x" for p in PRECISIONS)
+        print(f"| {name} | {rates} | {loop:.1f} | {hf:.1f} | {over_loop} | {over_hf} |", flush=True)
 
 
 if __name__ == "__main__":

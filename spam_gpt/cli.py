@@ -11,6 +11,7 @@ from pathlib import Path
 
 from spam_gpt import __version__, console
 from spam_gpt.config import PRESETS, TrainConfig
+from spam_gpt.precision import INFERENCE_PRECISIONS
 
 EXAMPLES = """examples:
   spam-gpt prepare --out data/
@@ -240,10 +241,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=INFERENCE_PRECISIONS,
         default="fp32",
         help="fp32 (default) matches training exactly; bf16 is ~3x faster on CPUs with "
-        "AVX512-BF16 or AMX, probabilities within ~0.01",
+        "AVX512-BF16 or AMX, probabilities within ~0.01; int8 (CPUs only) quantises the "
+        "transformer's Linear layers, ~3x faster for gpt2-small on any x86 CPU",
     )
 
 

@@ -169,9 +169,12 @@ def test_existing_output_is_not_overwritten_by_accident(tiny_run, tmp_path):
 
 
 def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
+    """In int8, which labels these two as fp32 does."""
     pq.write_table(pa.table({"text": [CHAPTER_SPAM, CHAPTER_HAM, ""]}), tmp_path / "in.parquet")
     args = [
         "score",
+        "--precision",
+        "int8",
         "--model",
         str(tiny_run / "model"),
         "--input",

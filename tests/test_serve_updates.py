@@ -51,6 +51,7 @@ def service(registry, mlflow_server):
         "tracking_uri": mlflow_server,
         "reload_interval_s": RELOAD_S,
         "max_batch_size": 8,
+        "precision": "int8",  # every version loads quantised
     }
     url = deploy(args, "127.0.0.1", free_port(), address=None)
     yield url
