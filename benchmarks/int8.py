@@ -53,7 +53,9 @@ def main() -> None:
         checkpoint = random_checkpoint(name, work)
         variants = {
             "fp32": Predictor.from_checkpoint(str(checkpoint)),
-            "int8 (torch.ao, spam-gpt)": Predictor.from_checkpoint(str(checkpoint), precision="int8"),
+            "int8 (torch.ao, spam-gpt)": Predictor.from_checkpoint(
+                str(checkpoint), precision="int8"
+            ),
             "int8 (torchao)": torchao_predictor(checkpoint),
         }
         reference, base = None, 0.0
