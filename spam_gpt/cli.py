@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spam_gpt import __version__, console
 from spam_gpt.config import PRESETS, TrainConfig
-from spam_gpt.precision import INFERENCE_PRECISIONS
+from spam_gpt.precision import INFERENCE_PRECISIONS, require_cpu_for_int8
 
 EXAMPLES = """examples:
   spam-gpt prepare --out data/
@@ -621,6 +621,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from spam_gpt.scoring import run_scoring
     from spam_gpt.tracking import absolute_tracking_uri
 
+    require_cpu_for_int8(args.precision, "cuda" if args.gpu else "cpu")
     summary = run_scoring(
         args.model,
         args.input,
@@ -652,6 +653,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "--detach leaves the endpoint running on a cluster; give --address (a local Ray "
             "ends with this command)"
         )
+    require_cpu_for_int8(args.precision, "cuda" if args.gpu else "cpu")
     if args.high_throughput:
         use_high_throughput_ingress(args.address)
     tracking_uri = absolute_tracking_uri(args.tracking_uri)

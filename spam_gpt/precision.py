@@ -23,6 +23,12 @@ INFERENCE_PRECISIONS = tuple(WEIGHT_DTYPES)
 DEPRECATED_QUANTIZATION = r"torch\.(ao\.quantization is|quantize_per_tensor, )"
 
 
+def require_cpu_for_int8(precision: str, device_type: str) -> None:
+    """int8 kernels exist on CPUs only: say so before any work, not in a replica."""
+    if precision == "int8" and device_type != "cpu":
+        raise ValueError("--precision int8 runs on CPUs; on a GPU use bf16")
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """``model`` with the Linear layers of its transformer blocks dynamically quantised to
     int8, weights per output channel; the classification head stays fp32.

@@ -17,7 +17,12 @@ import torch
 from spam_gpt.checkpoint import ClassifierMeta, load_classifier
 from spam_gpt.classifier import SPAM_LABEL, SpamClassifier, is_spam_model
 from spam_gpt.packing import ROW_TOKENS, packed_batches
-from spam_gpt.precision import WEIGHT_DTYPES, autocast_for, quantize_int8
+from spam_gpt.precision import (
+    WEIGHT_DTYPES,
+    autocast_for,
+    quantize_int8,
+    require_cpu_for_int8,
+)
 from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
 
 
@@ -55,8 +60,7 @@ class Predictor:
                 f"precision must be one of {', '.join(WEIGHT_DTYPES)}, not {precision!r}"
             )
         self.device = torch.device(device)
-        if precision == "int8" and self.device.type != "cpu":
-            raise ValueError("--precision int8 runs on CPUs; on a GPU use bf16")
+        require_cpu_for_int8(precision, self.device.type)
         self.precision = precision
         # bf16 weights: about 3x faster on CPUs with AMX, probabilities within about 0.01.
         self.classifier = classifier.to(self.device, WEIGHT_DTYPES[precision]).eval()

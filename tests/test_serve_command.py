@@ -81,6 +81,18 @@ def test_high_throughput_on_a_running_cluster_says_where_to_set_it(tiny_run, cap
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in error
 
 
+@pytest.mark.parametrize("command", ["serve", "score"])
+def test_int8_on_a_gpu_is_refused_before_ray_starts(tiny_run, tmp_path, capsys, command):
+    import ray
+
+    args = [command, "--model", str(tiny_run / "model"), "--gpu", "--precision", "int8"]
+    if command == "score":
+        args += ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--precision int8 runs on CPUs; on a GPU use bf16" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_a_missing_key_file_stops_serve_before_ray_starts(tiny_run, tmp_path, capsys):
     import ray
 
