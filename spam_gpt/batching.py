@@ -5,11 +5,10 @@ Serve's ``@serve.batch`` waits up to a timeout for a batch to fill, which at low
 pure latency (tiny model: 74 requests/s batched against 499 unbatched at concurrency 1).
 Here a request that finds no pass running starts one at once: the pass takes whatever
 reaches the queue within the loop's next few turns (microseconds), and waits for nothing
-else. The pass runs on the event
-loop on purpose: requests that arrive meanwhile wait in the sockets (or in Serve's HTTP
-thread) and reach the queue in the loop's next turns, where the next pass gathers them
-(a pass in a thread measured slower here: 0.71x unbatched at concurrency 1, as the loop
-and the model fought over the GIL).
+else. The pass runs on the event loop on purpose: requests that arrive meanwhile wait in
+the sockets (or in Serve's HTTP thread) and reach the queue in the loop's next turns,
+where the next pass gathers them (a pass in a thread measured slower here: 0.71x
+unbatched at concurrency 1, as the loop and the model fought over the GIL).
 """
 
 from __future__ import annotations

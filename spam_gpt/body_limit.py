@@ -29,8 +29,9 @@ class BodyLimit:
             await self.reject(send, 400, "Content-Length is not a number")
             return
         if declared is not None and int(declared) > self.limit:
-            await self.drain(receive, int(declared))
-            await self.reject(send, 413, f"request body exceeds {self.limit:,} bytes")
+            if int(declared) <= DRAIN_BYTES:
+                await self.drain(receive)
+            await self.too_large(send)
             return
         chunks, size, more = [], 0, True
         while more:
@@ -42,8 +43,8 @@ class BodyLimit:
             more = message.get("more_body", False)
             if size > self.limit:
                 if more:
-                    await self.drain(receive, size)
-                await self.reject(send, 413, f"request body exceeds {self.limit:,} bytes")
+                    await self.drain(receive)
+                await self.too_large(send)
                 return
             chunks.append(chunk)
         body = b"".join(chunks)
@@ -58,11 +59,13 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def too_large(self, send) -> None:
+        await self.reject(send, 413, f"request body exceeds {self.limit:,} bytes")
+
     @staticmethod
-    async def drain(receive, expected: int) -> None:
-        """Read and drop the body's rest, so that the client gets to read the answer."""
-        if expected > DRAIN_BYTES:
-            return
+    async def drain(receive) -> None:
+        """Read and drop the body's rest (up to about DRAIN_BYTES), so that the client
+        gets to read the answer."""
         read = 0
         while read <= DRAIN_BYTES:
             message = await receive()

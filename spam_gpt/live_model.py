@@ -38,9 +38,9 @@ class LiveModel:
         self.tracking_uri = tracking_uri
         self.on_loaded = on_loaded
         self.alias = alias_of(reference)
+        self.interval_s = 0.0  # not following until follow()
         self.last_check: str | None = None
         self.last_error: str | None = None
-        self.stopped = threading.Event()
         self.current = self.timed_load(reference, replaced=None)
 
     def timed_load(self, reference: str, replaced: str | None) -> Predictor:
@@ -51,18 +51,18 @@ class LiveModel:
         return predictor
 
     def follow(self, interval_s: float) -> None:
-        """Check the alias every ``interval_s`` seconds until :meth:`stop`."""
+        """Check the alias every ``interval_s`` seconds, in a thread that ends with the
+        replica's process."""
         if self.alias is None:
             raise ValueError(f"{self.reference} names no alias to follow")
+        self.interval_s = interval_s
 
         def loop() -> None:
-            while not self.stopped.wait(interval_s):
+            while True:
+                time.sleep(interval_s)
                 self.check()
 
         threading.Thread(target=loop, name="follow-model-alias", daemon=True).start()
-
-    def stop(self) -> None:
-        self.stopped.set()
 
     def check(self) -> None:
         """Move to the version the alias names now, if it is another and loads."""
@@ -100,6 +100,7 @@ class LiveModel:
             return None
         return {
             "alias": f"models:/{self.alias[0]}@{self.alias[1]}",
+            "reload_interval_s": self.interval_s,
             "last_check": self.last_check,
             "last_error": self.last_error,
         }

@@ -6,6 +6,8 @@ tags) and exported by Ray's metrics agent on every node, prefixed ``ray_``.
 
 from __future__ import annotations
 
+import collections
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -46,8 +48,5 @@ class ServeMetrics:
     def answered(self, labels: list[str], version: str) -> None:
         """One forward pass's predicted labels."""
         self.batch_size.observe(len(labels))
-        counts: dict[str, int] = {}
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
-        for label, count in counts.items():
+        for label, count in collections.Counter(labels).items():
             self.predictions.inc(count, tags={"label": label, "model_version": version})

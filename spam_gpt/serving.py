@@ -148,7 +148,6 @@ class SpamClassifierService:
             self.metrics.loaded(meta.name, meta.version, seconds, replaced)
 
         self.model = LiveModel(model, load, tracking_uri, on_loaded=loaded)
-        self.reload_interval_s = reload_interval_s
         if self.model.alias is not None and reload_interval_s > 0:
             self.model.follow(reload_interval_s)
         self.batcher = PassBatcher(self.responses, max_batch_size) if max_batch_size > 1 else None
@@ -206,9 +205,6 @@ class SpamClassifierService:
         """Which model answers, how it was trained, how it scored, and whether the
         endpoint follows an alias to new versions."""
         meta = self.model.current.meta
-        following = self.model.status()
-        if following is not None:
-            following["reload_interval_s"] = self.reload_interval_s
         return {
             "reference": self.model.reference,
             "name": meta.name,
@@ -223,7 +219,7 @@ class SpamClassifierService:
             "labels": meta.labels,
             "test_accuracy": meta.metrics.get("test_accuracy"),
             "metrics": meta.metrics,
-            "following": following,
+            "following": self.model.status(),
         }
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
