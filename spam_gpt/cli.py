@@ -132,12 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus-per-actor",
         type=int,
         default=1,
-        help="CPUs (and torch threads) per actor; one more CPU stays free for reading and "
-        "writing (default 1)",
+        help="CPUs (and torch threads) per actor, which reads, scores and writes its share "
+        "(default 1)",
     )
     score.add_argument("--gpu", action="store_true", help="one GPU per actor")
     add_cluster_options(score)
-    score.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    written = score.add_mutually_exclusive_group()
+    written.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output, or a stopped job's"
+    )
+    written.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish a job that stopped part way (killed, or its cluster lost): run the same "
+        "command plus --resume; the parts it scored are kept and the rest scored, each input "
+        "row once",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -635,6 +645,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         runtime_env=args.runtime_env,
         tracking_uri=absolute_tracking_uri(args.tracking_uri),
         overwrite=args.overwrite,
+        resume=args.resume,
         precision=args.precision,
     )
     print(summary)

@@ -5,9 +5,12 @@ Every input row comes out exactly once, its columns untouched, with ``label``, i
 read as ``probabilities.spam``), ``spam_probability`` for spam/not-spam models, ``model``
 and ``score_error`` appended; a row that cannot be scored keeps a null label and says why.
 Batches stay in Arrow from reader to writer so that timestamps, lists and
-dictionary-encoded columns pass through unchanged. Output is written beside the target
-and moved into place (locally), and marked complete with a ``_SUCCESS`` file, so a failed
-job never leaves output that looks finished.
+dictionary-encoded columns pass through unchanged.
+
+The input is cut into units, each scored by a model actor into its own part file (see
+:mod:`spam_gpt.scoring_units`), so a job stopped part way resumes where it stopped. Output
+is written beside the target and moved into place (locally), and marked complete with a
+``_SUCCESS`` file, so a stopped job never leaves output that looks finished.
 """
 
 from __future__ import annotations
@@ -16,29 +19,37 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
-import pyarrow.parquet as pq
 
 from spam_gpt.classifier import is_spam_model
 from spam_gpt.model_ref import pin_model_ref
 from spam_gpt.predictor import Prediction, Predictor
-from spam_gpt.progress import ScoringProgress
+from spam_gpt.progress import ScoringProgress, WrittenRows
+from spam_gpt.scoring_units import (
+    Manifest,
+    conform,
+    finished_parts,
+    plan_units,
+    remove_unfinished,
+    unit_tables,
+    write_part,
+)
 from spam_gpt.sources import (
     DataError,
     ParquetFooters,
+    SourceFile,
     expand_inputs,
+    file_columns,
     filesystem_of,
     is_remote,
+    list_files,
     local_path,
-    read_files,
     resolve_column,
 )
 
@@ -54,7 +65,7 @@ SUCCESS_FILE = "_SUCCESS"
 
 
 class ScoringError(DataError):
-    """The job cannot start; the message says what to change."""
+    """The job cannot start or go on; the message says what to change."""
 
 
 def is_text_type(kind: pa.DataType) -> bool:
@@ -136,27 +147,16 @@ def append_results(
     )
 
 
-def empty_output(schema: pa.Schema, model_ref: str, tracking_uri: str | None) -> pa.Table:
-    """The output of an input with no rows: no rows, every column (the model's labels
-    decide the ``probabilities`` struct, so its description is read, not its weights)."""
-    from spam_gpt.checkpoint import load_meta
-    from spam_gpt.model_ref import resolve_model
-
-    folder, _, _ = resolve_model(model_ref, tracking_uri)
-    return append_results(schema.empty_table(), load_meta(folder).labels, [], [], model_ref)
-
-
-class SpamScorer:
-    """The Ray Data actor: loads the model once, then scores Arrow batches."""
+class UnitScorer:
+    """The Ray Data actor: loads the model once, then scores whole units into their parts."""
 
     def __init__(
         self,
-        model_ref: str,
+        job: ScoringJob,
         tracking_uri: str | None,
-        text_column: str,
         threads: int,
         device: str,
-        precision: str,
+        batch_size: int,
     ):
         import torch
 
@@ -164,16 +164,24 @@ class SpamScorer:
 
         torch.set_num_threads(threads)
         self.predictor = load_predictor(
-            model_ref,
-            tracking_uri,
-            device=device,
-            precision=precision,
+            job.manifest.model, tracking_uri, device=device, precision=job.manifest.precision
         )
-        self.text_column = text_column
-        self.model_ref = model_ref
+        self.job = job
+        self.batch_size = batch_size
+        labels = self.predictor.meta.labels
+        self.schema = append_results(job.schema.empty_table(), labels, [], [], job.model).schema
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_table(self.predictor, batch, self.text_column, self.model_ref)
+    def __call__(self, batch: dict) -> dict:
+        for index in batch["unit"]:
+            tables = unit_tables(self.job.manifest.units[index], self.batch_size)
+            scored = (
+                score_table(
+                    self.predictor, conform(t, self.job.schema), self.job.column, self.job.model
+                )
+                for t in tables
+            )
+            write_part(self.job.folder, int(index), scored, self.schema)
+        return batch
 
 
 @dataclass
@@ -184,17 +192,20 @@ class ScoreSummary:
     label_shares: dict[str, float]  # share of the scored rows per label, most common first
     seconds: float
     output: str
+    resumed: int = 0  # rows a stopped run of the job had scored already
 
     def __str__(self) -> str:
         shares = ", ".join(f"{label} {share:.1%}" for label, share in self.label_shares.items())
+        earlier = f", {self.resumed:,} of them before resuming" if self.resumed else ""
+        rate = (self.rows - self.resumed) / self.seconds
         return (
-            f"Read {self.rows:,} rows: {self.scored:,} scored, {self.errored:,} errored; "
-            f"labels: {shares or 'none'}; {self.rows / self.seconds:,.0f} rows/s "
-            f"({self.seconds:.1f} s); output: {self.output}"
+            f"Read {self.rows:,} rows{earlier}: {self.scored:,} scored, {self.errored:,} "
+            f"errored; labels: {shares or 'none'}; {rate:,.0f} rows/s ({self.seconds:.1f} s); "
+            f"output: {self.output}"
         )
 
 
-def summarize(output: str, seconds: float) -> ScoreSummary:
+def summarize(output: str, seconds: float, resumed: int = 0) -> ScoreSummary:
     """Counts from the written files (the label column, streamed): never held in memory."""
     rows = 0
     counts: Counter = Counter()
@@ -203,7 +214,7 @@ def summarize(output: str, seconds: float) -> ScoreSummary:
         counts.update(label for label in batch.column("label").to_pylist() if label is not None)
     scored = sum(counts.values())
     shares = {label: n / scored for label, n in counts.most_common()}
-    return ScoreSummary(rows, scored, rows - scored, shares, seconds, output)
+    return ScoreSummary(rows, scored, rows - scored, shares, seconds, output, resumed)
 
 
 def write_success(output: str, summary: ScoreSummary) -> None:
@@ -213,14 +224,100 @@ def write_success(output: str, summary: ScoreSummary) -> None:
         stream.write(payload)
 
 
-def write_scored(scored, output: str, empty: Callable[[], pa.Table]) -> None:
-    """Ray Data writes no file for no rows; then write ``empty()``, the output schema."""
-    scored.write_parquet(output)
-    filesystem, path = filesystem_of(output)
-    found = filesystem.get_file_info(pa_fs.FileSelector(path, allow_not_found=True))
-    if not any(info.path.endswith(".parquet") for info in found):
-        filesystem.create_dir(path)
-        pq.write_table(empty(), f"{path}/empty.parquet", filesystem=filesystem)
+@dataclass(frozen=True)
+class ScoringJob:
+    """What a job scores, into which folder: planned on the driver before Ray starts."""
+
+    manifest: Manifest
+    schema: pa.Schema  # the input's columns, as every part holds them
+    folder: str  # where the parts go: the output itself, or a hidden folder beside it
+    output: str
+
+    @property
+    def model(self) -> str:
+        return self.manifest.model
+
+    @property
+    def column(self) -> str:
+        return self.manifest.text_column
+
+
+def input_schema(files: list[SourceFile], footers: ParquetFooters | None) -> pa.Schema:
+    """Parquet: the union of the files' columns; CSV/TSV: every column as text."""
+    if footers is not None:
+        return footers.unified_schema()
+    names = dict.fromkeys(name for file in files for name in file_columns(file))
+    return pa.schema([(name, pa.string()) for name in names])
+
+
+def plan_job(
+    model: str,
+    inputs: list[str],
+    output: str,
+    text_column: str | None,
+    precision: str,
+    tracking_uri: str | None,
+) -> ScoringJob:
+    """The job's units, schema and folders, every input error found before Ray starts."""
+    try:
+        paths, fmt = expand_inputs(inputs)
+        footers = ParquetFooters.of(paths) if fmt == "parquet" else None
+        files = footers.files if footers else list_files(paths, fmt)
+        if not files:
+            raise DataError(f"--input {' '.join(inputs)} holds no {fmt} files")
+        schema = input_schema(files, footers)
+        column = resolve_column(schema.names, text_column, "text", "--text-column")
+    except DataError as error:
+        raise ScoringError(str(error)) from None
+    clashes = [c for c in ADDED_COLUMNS if c in schema.names]
+    if clashes:
+        raise ScoringError(f"the input already has column(s) {', '.join(clashes)}; rename them")
+    try:
+        model_ref = pin_model_ref(model, tracking_uri)
+    except FileNotFoundError as error:
+        raise ScoringError(f"--model {model}: {error}") from None
+    units = plan_units(files, footers and footers.footers)
+    folder = output
+    if not is_remote(output):
+        target = Path(local_path(output)).resolve()
+        output, folder = str(target), str(target.parent / f".{target.name}.partial")
+    return ScoringJob(Manifest(model_ref, column, precision, units), schema, folder, output)
+
+
+def prepare_folder(job: ScoringJob, overwrite: bool, resume: bool) -> int:
+    """Start the job's folder, or keep a stopped job's parts to finish it; returns how
+    many units are done already."""
+    filesystem, where = filesystem_of(job.folder)
+    started = Manifest.load(job.folder)
+    is_done = filesystem.get_file_info(f"{job.output}/{SUCCESS_FILE}").type == pa_fs.FileType.File
+    if overwrite:
+        filesystem.delete_dir_contents(where, missing_dir_ok=True)
+        started = None
+    elif is_done or (not is_remote(job.output) and Path(job.output).exists()):
+        finished = " (a finished job)" if is_done else ""
+        raise ScoringError(
+            f"--output {job.output} exists{finished}; choose a new folder or pass --overwrite"
+        )
+    if started is not None:
+        done = len(finished_parts(job.folder))
+        if not resume:
+            raise ScoringError(
+                f"a job stopped part way left {job.folder} ({done:,} of "
+                f"{len(started.units):,} parts scored); add --resume to finish it, or "
+                "--overwrite to start again"
+            )
+        why = job.manifest.difference(started)
+        if why:
+            raise ScoringError(
+                f"cannot resume the job in {job.folder}: {why}; run it as it started, or "
+                "pass --overwrite to start again"
+            )
+        remove_unfinished(job.folder)
+        return done
+    if resume:
+        print(f"Nothing to resume at {job.folder}; starting the job", flush=True)
+    job.manifest.save(job.folder)
+    return 0
 
 
 def run_scoring(
@@ -237,80 +334,68 @@ def run_scoring(
     runtime_env: dict | None = None,
     tracking_uri: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     precision: str = "fp32",
 ) -> ScoreSummary:
     """Score ``inputs`` into the Parquet folder ``output``; see the module docstring."""
+    import ray.data
     from ray.data import ActorPoolStrategy
 
     from spam_gpt.ray_cluster import connect, require_cpus
 
-    try:
-        paths, fmt = expand_inputs(inputs)
-    except DataError as error:
-        raise ScoringError(str(error)) from None
-    if not overwrite and not is_remote(output) and Path(local_path(output)).exists():
-        raise ScoringError(f"--output {output} exists; choose a new folder or pass --overwrite")
-    try:
-        model_ref = pin_model_ref(model, tracking_uri)
-    except FileNotFoundError as error:
-        raise ScoringError(f"--model {model}: {error}") from None
-    needed = concurrency * cpus_per_actor + 1
+    if overwrite and resume:
+        raise ScoringError("--resume keeps a stopped job's work and --overwrite drops it; pick one")
+    job = plan_job(model, inputs, output, text_column, precision, tracking_uri)
+    done = prepare_folder(job, overwrite, resume)
+    todo = sorted(set(range(len(job.manifest.units))) - finished_parts(job.folder))
+    if done:
+        print(f"Resuming: {done:,} of {len(job.manifest.units):,} parts are scored", flush=True)
+    needed = concurrency * cpus_per_actor
     connect(address, num_cpus=needed, runtime_env=runtime_env)
     try:
-        require_cpus(needed, "--concurrency x --cpus-per-actor plus one CPU for reading")
+        require_cpus(needed, "--concurrency x --cpus-per-actor")
     except ValueError as error:
         raise ScoringError(str(error)) from None
-    footers = ParquetFooters.of(paths) if fmt == "parquet" else None
-    dataset = read_files(paths, fmt, footers=footers)
-    schema = dataset.schema()
-    columns = list(schema.names)
-    try:
-        column = resolve_column(columns, text_column, "text", "--text-column")
-    except DataError as error:
-        raise ScoringError(str(error)) from None
-    clashes = [c for c in ADDED_COLUMNS if c in columns]
-    if clashes:
-        raise ScoringError(f"the input already has column(s) {', '.join(clashes)}; rename them")
-    scored = dataset.map_batches(
-        SpamScorer,
-        fn_constructor_kwargs={
-            "model_ref": model_ref,
-            "tracking_uri": tracking_uri,
-            "text_column": column,
-            "threads": cpus_per_actor,
-            "device": "cuda" if gpu else "cpu",
-            "precision": precision,
-        },
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ActorPoolStrategy(size=concurrency),
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if gpu else 0,
-    )
-
-    def empty() -> pa.Table:
-        fields = pa.schema(list(zip(schema.names, schema.types)))
-        return empty_output(fields, model_ref, tracking_uri)
-
-    def write(folder: str, output: str) -> ScoreSummary:
-        """The scored rows into ``folder`` under a progress line, marked complete."""
-        started = time.perf_counter()
-        with ScoringProgress(folder, footers.rows if footers else None):
-            write_scored(scored, folder, empty)
-        summary = summarize(folder, time.perf_counter() - started)
-        summary.output = output
-        write_success(folder, summary)
-        return summary
-
-    if is_remote(output):
-        return write(output, output)
-    target = Path(local_path(output)).resolve()
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        summary = write(str(staging), str(target))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    total = sum(unit.rows or 0 for unit in job.manifest.units)
+    known = all(unit.rows is not None for unit in job.manifest.units)
+    started = time.perf_counter()
+    before = WrittenRows(job.folder).count()
+    if todo:
+        units = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
+        scored = units.map_batches(
+            UnitScorer,
+            fn_constructor_kwargs={
+                "job": job,
+                "tracking_uri": tracking_uri,
+                "threads": cpus_per_actor,
+                "device": "cuda" if gpu else "cpu",
+                "batch_size": batch_size,
+            },
+            batch_size=1,
+            compute=ActorPoolStrategy(size=concurrency),
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if gpu else 0,
+        )
+        with ScoringProgress(job.folder, total if known else None):
+            try:
+                for _ in scored.iter_batches(batch_size=None):
+                    pass
+            except Exception as error:
+                parts = len(finished_parts(job.folder))
+                raise ScoringError(
+                    f"the job stopped ({type(error).__name__}: {first_line(error)}); "
+                    f"{parts:,} of {len(job.manifest.units):,} parts are saved in {job.folder}:"
+                    " fix the cause and run the same command with --resume to finish it"
+                ) from error
+    summary = summarize(job.folder, time.perf_counter() - started, before)
+    summary.output = job.output
+    write_success(job.folder, summary)
+    if job.folder != job.output:
+        if Path(job.output).exists():
+            shutil.rmtree(job.output)
+        os.replace(job.folder, job.output)
     return summary
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]

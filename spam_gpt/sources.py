@@ -185,15 +185,24 @@ class ParquetFooters:
         return sum(footer.num_rows for footer in self.footers)
 
     def read_schema(self) -> pa.Schema | None:
-        """One schema for files that do not share one (an added column, int32 against
-        int64), or that hold Arrow's view types, which Ray cannot move between processes
-        (read as large_string/large_binary instead); None when the files agree already."""
-        schemas = [footer.schema.to_arrow_schema().remove_metadata() for footer in self.footers]
+        """:meth:`unified_schema` for files that do not share one, or that hold Arrow's view
+        types, which Ray cannot move between processes; None when the files agree already."""
+        schemas = self.schemas()
         if not schemas or (
             all(schema.equals(schemas[0]) for schema in schemas)
             and not any(is_view(field.type) for field in schemas[0])
         ):
             return None
+        return self.unified_schema()
+
+    def schemas(self) -> list[pa.Schema]:
+        return [footer.schema.to_arrow_schema().remove_metadata() for footer in self.footers]
+
+    def unified_schema(self) -> pa.Schema:
+        """One schema for all the files: the union of their columns, types widened where
+        they differ (int32 against int64), view types as large_string/large_binary, and
+        the hive partition columns as strings."""
+        schemas = self.schemas()
         readable = [pa.schema([without_views(field) for field in schema]) for schema in schemas]
         unified = pa.unify_schemas(readable, promote_options="permissive")
         for name in self.files[0].partitions:  # hive partition columns, read as strings

@@ -15,6 +15,7 @@ from spam_gpt.cli import main
 from spam_gpt.corpus import build_splits
 from spam_gpt.model_ref import load_predictor
 from spam_gpt.scoring import ADDED_COLUMNS, ScoringError, run_scoring
+from spam_gpt.scoring_units import Manifest
 
 from .conftest import CHAPTER_HAM, CHAPTER_SPAM
 
@@ -122,7 +123,10 @@ def test_output_is_marked_complete_with_its_summary(scored):
     _, result, _, out = scored
     marker = json.loads((out / "_SUCCESS").read_text())
     assert marker["rows"] == result.num_rows and marker["errored"] == 3
-    assert not list(out.parent.glob(".out.partial-*"))
+    assert not (out.parent / ".out.partial").exists()
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [
+        f"part-{k:05d}.parquet" for k in range(6)
+    ]  # one unit per input file
 
 
 def test_missing_text_column_stops_before_any_work(tiny_run, tmp_path):
@@ -149,16 +153,35 @@ def test_globs_several_paths_and_the_chapters_csv(tiny_run, tmp_path, capsys):
     assert set(pq.read_table(tmp_path / "o2").column_names) >= {"Label", "Text", "label"}
 
 
-def test_a_failed_job_leaves_nothing_that_looks_complete(tiny_run, tmp_path):
-    """The model breaks inside the actors, after the job has started writing."""
+def test_a_failed_job_leaves_nothing_that_looks_complete_and_resumes(tiny_run, tmp_path):
+    """The model breaks inside the actors, after the job has started writing; once it is
+    mended, the same job with ``resume`` finishes."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run / "model", broken)
+    weights = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(b"not tensors")
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
-    with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises for a dead actor pool
-        run_scoring(str(broken), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    job = (str(broken), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    with pytest.raises(ScoringError, match=r"0 of 1 parts are saved in .*--resume"):
+        run_scoring(*job)
     assert not (tmp_path / "out").exists()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not (tmp_path / ".out.partial" / "_SUCCESS").exists()
+    with pytest.raises(ScoringError, match="add --resume to finish it, or --overwrite"):
+        run_scoring(*job)
+    (broken / "model.safetensors").write_bytes(weights)
+    assert run_scoring(*job, resume=True).scored == 1
+    assert (tmp_path / "out" / "_SUCCESS").is_file() and not (tmp_path / ".out.partial").exists()
+
+
+def test_resume_refuses_a_changed_job(tiny_run, tmp_path):
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
+    job = (str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    Manifest("elsewhere/model", "text", "fp32", []).save(str(tmp_path / ".out.partial"))
+    with pytest.raises(ScoringError, match="it ran with model 'elsewhere/model'"):
+        run_scoring(*job, resume=True)
+    with pytest.raises(ScoringError, match="pick one"):
+        run_scoring(*job, resume=True, overwrite=True)
+    assert run_scoring(*job, overwrite=True).rows == 1
 
 
 def test_existing_output_is_not_overwritten_by_accident(tiny_run, tmp_path):
@@ -194,7 +217,7 @@ def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
 
 def test_a_job_the_cluster_cannot_schedule_is_refused(tiny_run, tmp_path):
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
-    with pytest.raises(ScoringError, match="needs 6 CPUs; the Ray cluster has 2"):
+    with pytest.raises(ScoringError, match="needs 5 CPUs; the Ray cluster has 2"):
         run_scoring(
             str(tiny_run / "model"),
             [str(tmp_path / "in.parquet")],
