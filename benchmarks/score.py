@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from spam_gpt.checkpoint import ClassifierMeta, load_classifier, save_classifier
 from spam_gpt.classifier import SpamClassifier
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+from spam_gpt.memory import PeakMemory
 from spam_gpt.model import MODEL_CONFIGS, GPTModel, init_gpt2_weights
 from spam_gpt.scoring import run_scoring
 from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
@@ -37,10 +39,30 @@ PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def write_corpus(path: Path, rows: int) -> list[str]:
+    """The corpus replicated to ``rows`` rows, written a chunk at a time (ten million
+    Python strings would be most of this machine's memory); returns the corpus."""
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
-    replicated = (texts * (rows // len(texts) + 1))[:rows]
-    pq.write_table(pa.table({"id": range(rows), "text": replicated}), path, row_group_size=10_000)
-    return replicated
+    chunk = len(texts) * (100_000 // len(texts))
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, chunk):
+            count = min(chunk, rows - start)
+            replicated = (texts * (chunk // len(texts)))[:count]
+            table = pa.table({"id": range(start, start + count), "text": replicated})
+            writer.write_table(table.cast(schema), row_group_size=10_000)
+    return texts
+
+
+def scorer_pids() -> list[int]:
+    """The scoring job's model actors (Ray names their processes after the class)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"UnitScorer" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
 
 
 def random_checkpoint(name: str, folder: Path) -> Path:
@@ -122,6 +144,8 @@ def transformers_batched(checkpoint: Path, texts: list[str], batch_size: int = 6
 
 
 def scoring_job(checkpoint: Path, parquet: Path, out: Path, precision: str) -> float:
+    """Rows per second; prints the peak private memory of the driver and the actor."""
+    driver, actor = PeakMemory(1.0), PeakMemory(1.0, scorer_pids)
     summary = run_scoring(
         str(checkpoint),
         [str(parquet)],
@@ -130,6 +154,13 @@ def scoring_job(checkpoint: Path, parquet: Path, out: Path, precision: str) -> f
         precision=precision,
         overwrite=True,
     )
+    print(
+        f"  {checkpoint.name} {precision}: {summary.rows:,} rows, "
+        f"{summary.rows / summary.seconds:,.1f} rows/s; peak private memory: driver "
+        f"{driver.stop():,.0f} MiB, actor {actor.stop():,.0f} MiB",
+        flush=True,
+    )
+    shutil.rmtree(out)
     return summary.rows / summary.seconds
 
 
@@ -139,6 +170,9 @@ def main() -> None:
     parser.add_argument("--job-rows", type=int, nargs="*", help="rows the job scores, per model")
     parser.add_argument("--sample", type=int, nargs="*", help="messages for (b) and (c), per model")
     parser.add_argument("--models", nargs="+", default=["tiny", "gpt2-small"])
+    parser.add_argument(
+        "--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS, help="jobs to run"
+    )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     job_rows = args.job_rows or [args.rows] * len(args.models)
@@ -160,12 +194,15 @@ def main() -> None:
         if rows < args.rows:
             parquet = work / f"messages-{rows}.parquet"
             pq.write_table(pq.read_table(work / "messages.parquet").slice(0, rows), parquet)
-        job = {p: scoring_job(checkpoint, parquet, work / f"out-{name}-{p}", p) for p in PRECISIONS}
+        job = {
+            p: scoring_job(checkpoint, parquet, work / f"out-{name}-{p}", p)
+            for p in args.precisions
+        }
         loop = chapter_loop(checkpoint, texts[:sample])
         hf = transformers_batched(checkpoint, texts[:sample])
-        rates = " | ".join(f"{job[p]:.1f}" for p in PRECISIONS)
-        over_loop = ", ".join(f"{job[p] / loop:.1f}x" for p in PRECISIONS)
-        over_hf = ", ".join(f"{job[p] / hf:.1f}x" for p in PRECISIONS)
+        rates = " | ".join(f"{job[p]:.1f}" if p in job else "–" for p in PRECISIONS)
+        over_loop = ", ".join(f"{job[p] / loop:.1f}x" if p in job else "–" for p in PRECISIONS)
+        over_hf = ", ".join(f"{job[p] / hf:.1f}x" if p in job else "–" for p in PRECISIONS)
         print(f"| {name} | {rates} | {loop:.1f} | {hf:.1f} | {over_loop} | {over_hf} |", flush=True)
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import resource
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-STATUS = Path("/proc/self/status")
 
-
-def private_mb() -> float | None:
-    """Anonymous resident memory in MiB (Linux), else None."""
+def private_mb(pid: int | str = "self") -> float | None:
+    """Anonymous resident memory of a process in MiB (Linux), else None."""
     try:
-        for line in STATUS.read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -32,10 +31,14 @@ def peak_rss_mb() -> float:
 
 
 class PeakMemory:
-    """Samples private memory every ``interval`` seconds on a daemon thread."""
+    """Samples private memory every ``interval`` seconds on a daemon thread: of this
+    process, or of the largest of the processes ``pids`` names at each sample."""
 
-    def __init__(self, interval: float = 0.2):
-        self.peak = private_mb() or 0.0
+    def __init__(
+        self, interval: float = 0.2, pids: Callable[[], Iterable[int | str]] = lambda: ["self"]
+    ):
+        self.pids = pids
+        self.peak = self.sample()
         self.interval = interval
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
@@ -43,11 +46,14 @@ class PeakMemory:
 
     def watch(self) -> None:
         while not self.stopped.wait(self.interval):
-            self.peak = max(self.peak, private_mb() or 0.0)
+            self.peak = max(self.peak, self.sample())
+
+    def sample(self) -> float:
+        return max((private_mb(pid) or 0.0 for pid in self.pids()), default=0.0)
 
     def stop(self) -> float:
         """Stop sampling; the peak private memory in MiB (0 where it cannot be read)."""
         self.stopped.set()
         self.thread.join()
-        self.peak = max(self.peak, private_mb() or 0.0)
+        self.peak = max(self.peak, self.sample())
         return self.peak
