@@ -1,4 +1,4 @@
-"""Scoring throughput: the Ray Data job against the chapter's loop and transformers.
+"""Scoring throughput: the Ray Data job against the chapter's loop, transformers and ONNX Runtime.
 
     python benchmarks/score.py [--rows 100000] [--models tiny gpt2-small]
 
@@ -7,14 +7,18 @@ replicated to ``--rows`` rows of Parquet and measures rows per second of
   (a) ``spam-gpt score`` (Ray Data, one actor with every core), in fp32, bf16 and int8;
   (b) the chapter's ``classify_review`` loop: each message padded to 120, one at a time;
   (c) transformers' ``GPT2ForSequenceClassification`` with the same weights, batches of
-      64 in input order padded to their longest message.
-(b) and (c) run on ``--sample`` messages of the same file; (a) on ``--job-rows`` of it.
-Prints a Markdown table with the ratios (a)/(b) and (a)/(c).
+      64 in input order padded to their longest message;
+  (d), (e) that model exported to ONNX and run by ONNX Runtime, fp32 and with its dynamic
+      int8 quantisation, batches of 64 sorted by length (needs the ``bench`` extra).
+(b) to (e) run on ``--sample`` messages of the same file; (a) on ``--job-rows`` of it.
+Prints a Markdown table with the ratios (a)/(b), (a)/(c) and (a) int8/(e), and for each
+job the peak private memory of the driver and of the model actor.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -130,16 +134,62 @@ def transformers_model(checkpoint: Path):
     return model
 
 
+def padded(ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids padded to the longest in the batch, and their attention mask."""
+    width = max(map(len, ids))
+    return (
+        [i + [PAD_TOKEN_ID] * (width - len(i)) for i in ids],
+        [[1] * len(i) + [0] * (width - len(i)) for i in ids],
+    )
+
+
 def transformers_batched(checkpoint: Path, texts: list[str], batch_size: int = 64) -> float:
     model = transformers_model(checkpoint)
     started = time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            ids = [encode_text(t)[:120] for t in texts[start : start + batch_size]]
-            width = max(map(len, ids))
-            input_ids = torch.tensor([i + [PAD_TOKEN_ID] * (width - len(i)) for i in ids])
-            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-            model(input_ids=input_ids, attention_mask=mask).logits.argmax(dim=-1)
+            ids, mask = padded([encode_text(t)[:120] for t in texts[start : start + batch_size]])
+            model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.argmax(-1)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def onnx_models(checkpoint: Path, folder: Path) -> dict[str, Path]:
+    """The transformers model exported to ONNX (fp32), and that file quantised by ONNX
+    Runtime's dynamic int8 quantisation (int8 weights, activations per batch)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = transformers_model(checkpoint)
+    model.config.use_cache = False
+    fp32, int8 = folder / f"{checkpoint.name}.onnx", folder / f"{checkpoint.name}-int8.onnx"
+    example = torch.ones(2, 8, dtype=torch.long)
+    torch.onnx.export(
+        model,
+        (example,),
+        fp32,
+        kwargs={"attention_mask": example},
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask")},
+        dynamo=False,
+    )
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    return {"fp32": fp32, "int8": int8}
+
+
+def onnx_runtime_batched(model: Path, texts: list[str], batch_size: int = 64) -> float:
+    """ONNX Runtime on the CPU with every core, batches of messages sorted by length."""
+    import numpy as np
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    started = time.perf_counter()
+    encoded = sorted((encode_text(t)[:120] for t in texts), key=len)
+    for start in range(0, len(encoded), batch_size):
+        ids, mask = padded(encoded[start : start + batch_size])
+        feeds = {"input_ids": np.array(ids), "attention_mask": np.array(mask)}
+        session.run(["logits"], feeds)[0].argmax(-1)
     return len(texts) / (time.perf_counter() - started)
 
 
@@ -183,11 +233,15 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {THREADS} CPUs, torch {torch.__version__}, "
         f"{args.rows:,} rows in {work / 'messages.parquet'}"
     )
+    onnx = importlib.util.find_spec("onnxruntime") is not None
+    if not onnx:
+        print("(d), (e): ONNX Runtime is not installed (pip install -e '.[bench]')")
     print(
         "| model | (a) job fp32 | (a) job bf16 | (a) job int8 | (b) chapter loop | "
-        "(c) transformers | (a)/(b) fp32, bf16, int8 | (a)/(c) fp32, bf16, int8 |"
+        "(c) transformers | (d) ORT fp32 | (e) ORT int8 | (a)/(b) fp32, bf16, int8 | "
+        "(a)/(c) fp32, bf16, int8 | (a) int8/(e) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rows, sample in zip(args.models, job_rows, samples):
         checkpoint = random_checkpoint(name, work)
         parquet = work / "messages.parquet"
@@ -200,10 +254,24 @@ def main() -> None:
         }
         loop = chapter_loop(checkpoint, texts[:sample])
         hf = transformers_batched(checkpoint, texts[:sample])
-        rates = " | ".join(f"{job[p]:.1f}" if p in job else "–" for p in PRECISIONS)
-        over_loop = ", ".join(f"{job[p] / loop:.1f}x" if p in job else "–" for p in PRECISIONS)
-        over_hf = ", ".join(f"{job[p] / hf:.1f}x" if p in job else "–" for p in PRECISIONS)
-        print(f"| {name} | {rates} | {loop:.1f} | {hf:.1f} | {over_loop} | {over_hf} |", flush=True)
+        ort = {}
+        if onnx:
+            exported = onnx_models(checkpoint, work)
+            ort = {p: onnx_runtime_batched(exported[p], texts[:sample]) for p in exported}
+        rates = " | ".join(shown(job.get(p), "{:.1f}") for p in PRECISIONS)
+        over_loop = ", ".join(shown(job.get(p), "{:.1f}x", loop) for p in PRECISIONS)
+        over_hf = ", ".join(shown(job.get(p), "{:.1f}x", hf) for p in PRECISIONS)
+        print(
+            f"| {name} | {rates} | {loop:.1f} | {hf:.1f} | {shown(ort.get('fp32'), '{:.1f}')} | "
+            f"{shown(ort.get('int8'), '{:.1f}')} | {over_loop} | {over_hf} | "
+            f"{shown(job.get('int8'), '{:.2f}x', ort.get('int8'))} |",
+            flush=True,
+        )
+
+
+def shown(value: float | None, form: str, over: float | None = 1.0) -> str:
+    """``value`` (divided by ``over``) in ``form``, or a dash for what was not measured."""
+    return "–" if value is None or over is None else form.format(value / over)
 
 
 if __name__ == "__main__":
