@@ -173,7 +173,7 @@ def test_a_failed_job_leaves_nothing_that_looks_complete_and_resumes(tiny_run, t
     assert (tmp_path / "out" / "_SUCCESS").is_file() and not (tmp_path / ".out.partial").exists()
 
 
-def test_resume_refuses_a_changed_job(tiny_run, tmp_path):
+def test_resume_refuses_a_changed_job(tiny_run, tmp_path, capsys):
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
     job = (str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
     Manifest("elsewhere/model", "text", "fp32", []).save(str(tmp_path / ".out.partial"))
@@ -182,6 +182,9 @@ def test_resume_refuses_a_changed_job(tiny_run, tmp_path):
     with pytest.raises(ScoringError, match="pick one"):
         run_scoring(*job, resume=True, overwrite=True)
     assert run_scoring(*job, overwrite=True).rows == 1
+    fresh = (*job[:2], str(tmp_path / "fresh"))
+    assert run_scoring(*fresh, resume=True).rows == 1  # as a retrying scheduler runs it
+    assert "Nothing to resume at" in capsys.readouterr().out
 
 
 def test_existing_output_is_not_overwritten_by_accident(tiny_run, tmp_path):
