@@ -372,7 +372,7 @@ def run_scoring(
                 "batch_size": batch_size,
             },
             batch_size=1,
-            compute=ActorPoolStrategy(size=concurrency),
+            compute=ActorPoolStrategy(size=min(concurrency, len(todo))),
             num_cpus=cpus_per_actor,
             num_gpus=1 if gpu else 0,
         )

@@ -1,7 +1,7 @@
 """The units of a scoring job, and the manifest that lets a job stopped part way resume.
 
-The input is cut into units when the job starts: a Parquet file in runs of at most
-``UNIT_ROWS`` rows, a CSV/TSV file whole. Each unit is scored into its own file,
+The input is cut into units when the job starts: a Parquet file in runs of rows (see
+:func:`unit_size`), a CSV/TSV file whole. Each unit is scored into its own file,
 ``part-NNNNN.parquet``, which appears only once complete (written under a hidden name,
 then renamed). ``_manifest.json`` records the job: the model, the text column, the
 precision and every unit. A resumed job plans its units again, refuses to go on when they
@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 
 from spam_gpt.sources import SourceFile, file_batches, filesystem_of, with_partitions
 
-UNIT_ROWS = 50_000
+UNIT_ROWS = 50_000  # at most: what a stop can cost per actor
+MIN_UNIT_ROWS = 1_000  # at least: a small input is not scattered over tiny files
+SPREAD = 64  # units a small input is cut into, so that as many actors can share it
 MANIFEST_FILE = "_manifest.json"
 WRITING_SUFFIX = ".writing"
 ROW_GROUP_BYTES = 64 << 20
@@ -49,21 +51,28 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def unit_size(rows: int) -> int:
+    """Rows per unit for an input of ``rows``: about ``SPREAD`` units up to 3.2 million
+    rows, runs of ``UNIT_ROWS`` beyond. It depends on the input alone, so a job resumed
+    with another ``--concurrency`` plans the same units."""
+    return max(MIN_UNIT_ROWS, min(UNIT_ROWS, -(-rows // SPREAD)))
+
+
 def plan_units(
-    files: list[SourceFile], footers: list[pq.FileMetaData] | None, unit_rows: int = UNIT_ROWS
+    files: list[SourceFile], footers: list[pq.FileMetaData] | None, unit_rows: int | None = None
 ) -> list[Unit]:
-    """Parquet files (``footers`` given) in runs of ``unit_rows``, a file with no rows as
-    one empty unit (its part carries the schema); CSV/TSV files whole."""
+    """Parquet files (``footers`` given) in runs of ``unit_rows`` (default
+    :func:`unit_size`), a file with no rows as one empty unit (its part carries the
+    schema); CSV/TSV files whole."""
+    if footers is None:
+        return [Unit(file.path, file.format, file.partitions, 0, None) for file in files]
+    size = unit_rows or unit_size(sum(footer.num_rows for footer in footers))
     units = []
-    for k, file in enumerate(files):
-        if footers is None:
-            units.append(Unit(file.path, file.format, file.partitions, 0, None))
-            continue
-        rows = footers[k].num_rows
-        for start in range(0, max(rows, 1), unit_rows):
-            units.append(
-                Unit(file.path, file.format, file.partitions, start, min(start + unit_rows, rows))
-            )
+    for file, footer in zip(files, footers):
+        rows = footer.num_rows
+        for start in range(0, max(rows, 1), size):
+            stop = min(start + size, rows)
+            units.append(Unit(file.path, file.format, file.partitions, start, stop))
     return units
 
 

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 
 from spam_gpt.corpus import build_splits
 
-FILES, ROWS_PER_FILE = 8, 1200
+FILES, ROWS_PER_FILE = 8, 1000  # one unit per file (units are 1,000 rows at least)
 
 
 def write_archive(folder: Path) -> int:
-    """Eight files (eight units) of corpus messages with a unique id per row."""
+    """Eight files of corpus messages with a unique id per row."""
     folder.mkdir()
     texts = (build_splits()["test"]["Text"].tolist() * 4)[:ROWS_PER_FILE]
     for k in range(FILES):

@@ -12,6 +12,7 @@ from spam_gpt.scoring_units import (
     finished_parts,
     plan_units,
     remove_unfinished,
+    unit_size,
     unit_tables,
     write_part,
 )
@@ -38,6 +39,12 @@ def test_units_hold_every_row_once_across_row_groups(tmp_path, unit_rows):
         seen[unit.path.rsplit("/", 1)[1]] += rows
     assert seen == {"a.parquet": list(range(250)), "b.parquet": []}
     assert [u.rows for u in units if u.path.endswith("b.parquet")] == [0]  # one empty unit
+
+
+def test_small_inputs_are_spread_over_units_and_large_ones_cut_in_runs():
+    assert unit_size(127) == 1_000  # one small file: one unit
+    assert unit_size(100_000) == 1_563  # 64 units, for up to 64 actors
+    assert unit_size(10_000_000) == 50_000  # what a stop can cost per actor
 
 
 def test_conform_widens_types_and_fills_missing_columns():
