@@ -35,7 +35,7 @@ from spam_gpt.classifier import SpamClassifier
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
 from spam_gpt.memory import PeakMemory
 from spam_gpt.model import MODEL_CONFIGS, GPTModel, init_gpt2_weights
-from spam_gpt.scoring import run_scoring
+from spam_gpt.scoring import UnitScorer, run_scoring
 from spam_gpt.tokenizer import PAD_TOKEN_ID, encode_text
 
 THREADS = os.cpu_count() or 1
@@ -62,7 +62,7 @@ def scorer_pids() -> list[int]:
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"UnitScorer" in cmdline.read_bytes():
+            if UnitScorer.__name__.encode() in cmdline.read_bytes():
                 pids.append(int(cmdline.parent.name))
         except OSError:
             continue

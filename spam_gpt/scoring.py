@@ -30,7 +30,7 @@ import pyarrow.fs as pa_fs
 from spam_gpt.classifier import is_spam_model
 from spam_gpt.model_ref import pin_model_ref
 from spam_gpt.predictor import Prediction, Predictor
-from spam_gpt.progress import ScoringProgress, WrittenRows
+from spam_gpt.progress import ScoringProgress
 from spam_gpt.scoring_units import (
     Manifest,
     conform,
@@ -276,7 +276,7 @@ def plan_job(
         model_ref = pin_model_ref(model, tracking_uri)
     except FileNotFoundError as error:
         raise ScoringError(f"--model {model}: {error}") from None
-    units = plan_units(files, footers and footers.footers)
+    units = plan_units(files, footers)
     folder = output
     if not is_remote(output):
         target = Path(local_path(output)).resolve()
@@ -284,9 +284,9 @@ def plan_job(
     return ScoringJob(Manifest(model_ref, column, precision, units), schema, folder, output)
 
 
-def prepare_folder(job: ScoringJob, overwrite: bool, resume: bool) -> int:
-    """Start the job's folder, or keep a stopped job's parts to finish it; returns how
-    many units are done already."""
+def prepare_folder(job: ScoringJob, overwrite: bool, resume: bool) -> set[int]:
+    """Start the job's folder, or keep a stopped job's parts to finish it; returns the
+    units done already."""
     filesystem, where = filesystem_of(job.folder)
     started = Manifest.load(job.folder)
     is_done = filesystem.get_file_info(f"{job.output}/{SUCCESS_FILE}").type == pa_fs.FileType.File
@@ -299,10 +299,10 @@ def prepare_folder(job: ScoringJob, overwrite: bool, resume: bool) -> int:
             f"--output {job.output} exists{finished}; choose a new folder or pass --overwrite"
         )
     if started is not None:
-        done = len(finished_parts(job.folder))
+        done = finished_parts(job.folder)
         if not resume:
             raise ScoringError(
-                f"a job stopped part way left {job.folder} ({done:,} of "
+                f"a job stopped part way left {job.folder} ({len(done):,} of "
                 f"{len(started.units):,} parts scored); add --resume to finish it, or "
                 "--overwrite to start again"
             )
@@ -317,7 +317,7 @@ def prepare_folder(job: ScoringJob, overwrite: bool, resume: bool) -> int:
     if resume:
         print(f"Nothing to resume at {job.folder}; starting the job", flush=True)
     job.manifest.save(job.folder)
-    return 0
+    return set()
 
 
 def run_scoring(
@@ -347,9 +347,11 @@ def run_scoring(
         raise ScoringError("--resume keeps a stopped job's work and --overwrite drops it; pick one")
     job = plan_job(model, inputs, output, text_column, precision, tracking_uri)
     done = prepare_folder(job, overwrite, resume)
-    todo = sorted(set(range(len(job.manifest.units))) - finished_parts(job.folder))
+    todo = sorted(set(range(len(job.manifest.units))) - done)
     if done:
-        print(f"Resuming: {done:,} of {len(job.manifest.units):,} parts are scored", flush=True)
+        print(
+            f"Resuming: {len(done):,} of {len(job.manifest.units):,} parts are scored", flush=True
+        )
     needed = concurrency * cpus_per_actor
     connect(address, num_cpus=needed, runtime_env=runtime_env)
     try:
@@ -359,7 +361,8 @@ def run_scoring(
     total = sum(unit.rows or 0 for unit in job.manifest.units)
     known = all(unit.rows is not None for unit in job.manifest.units)
     started = time.perf_counter()
-    before = WrittenRows(job.folder).count()
+    progress = ScoringProgress(job.folder, total if known else None)
+    before = progress.rows.count()  # footers read once: the progress line keeps them
     if todo:
         units = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
         scored = units.map_batches(
@@ -376,7 +379,7 @@ def run_scoring(
             num_cpus=cpus_per_actor,
             num_gpus=1 if gpu else 0,
         )
-        with ScoringProgress(job.folder, total if known else None):
+        with progress:
             try:
                 for _ in scored.iter_batches(batch_size=None):
                     pass

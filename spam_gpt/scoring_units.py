@@ -21,7 +21,13 @@ import pyarrow as pa
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
-from spam_gpt.sources import SourceFile, file_batches, filesystem_of, with_partitions
+from spam_gpt.sources import (
+    ParquetFooters,
+    SourceFile,
+    file_batches,
+    filesystem_of,
+    with_partitions,
+)
 
 UNIT_ROWS = 50_000  # at most: what a stop can cost per actor
 MIN_UNIT_ROWS = 1_000  # at least: a small input is not scattered over tiny files
@@ -59,16 +65,16 @@ def unit_size(rows: int) -> int:
 
 
 def plan_units(
-    files: list[SourceFile], footers: list[pq.FileMetaData] | None, unit_rows: int | None = None
+    files: list[SourceFile], footers: ParquetFooters | None, unit_rows: int | None = None
 ) -> list[Unit]:
     """Parquet files (``footers`` given) in runs of ``unit_rows`` (default
     :func:`unit_size`), a file with no rows as one empty unit (its part carries the
     schema); CSV/TSV files whole."""
     if footers is None:
         return [Unit(file.path, file.format, file.partitions, 0, None) for file in files]
-    size = unit_rows or unit_size(sum(footer.num_rows for footer in footers))
+    size = unit_rows or unit_size(footers.rows)
     units = []
-    for file, footer in zip(files, footers):
+    for file, footer in zip(footers.files, footers.footers):
         rows = footer.num_rows
         for start in range(0, max(rows, 1), size):
             stop = min(start + size, rows)

@@ -31,7 +31,7 @@ def test_units_hold_every_row_once_across_row_groups(tmp_path, unit_rows):
     write_file(tmp_path / "a.parquet", 250, row_group_size=33)
     write_file(tmp_path / "b.parquet", 0, row_group_size=33)
     footers = ParquetFooters.of([str(tmp_path)])
-    units = plan_units(footers.files, footers.footers, unit_rows=unit_rows)
+    units = plan_units(footers.files, footers, unit_rows=unit_rows)
     seen = {"a.parquet": [], "b.parquet": []}
     for unit in units:
         rows = [r for t in unit_tables(unit, batch_rows=5) for r in t.column("id").to_pylist()]
@@ -76,7 +76,7 @@ def test_parts_appear_only_when_complete(tmp_path):
 def test_a_manifest_says_why_a_job_cannot_resume(tmp_path):
     write_file(tmp_path / "a.parquet", 10, row_group_size=10)
     footers = ParquetFooters.of([str(tmp_path)])
-    started = Manifest("runs/m", "text", "fp32", plan_units(footers.files, footers.footers))
+    started = Manifest("runs/m", "text", "fp32", plan_units(footers.files, footers))
     started.save(str(tmp_path / "out"))
     assert Manifest.load(str(tmp_path / "out")) == started
     assert Manifest.load(str(tmp_path / "elsewhere")) is None
@@ -86,7 +86,7 @@ def test_a_manifest_says_why_a_job_cannot_resume(tmp_path):
     write_file(tmp_path / "a.parquet", 11, row_group_size=10)
     write_file(tmp_path / "c.parquet", 3, row_group_size=10)
     footers = ParquetFooters.of([str(tmp_path / "a.parquet"), str(tmp_path / "c.parquet")])
-    grown = Manifest("runs/m", "text", "fp32", plan_units(footers.files, footers.footers))
+    grown = Manifest("runs/m", "text", "fp32", plan_units(footers.files, footers))
     why = grown.difference(started)
     assert "added, removed or changed in size" in why
     assert "a.parquet" in why and "c.parquet" in why
