@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -23,34 +24,41 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 with 3 logical CPUs and a dashboard (the job server)."""
+    """A Ray head on 127.0.0.1 with 3 logical CPUs and a dashboard (the job server).
+
+    Ray 2.60 heads want a token, and ``ray start`` creates none: the head and every client
+    here share a fresh one through ``RAY_AUTH_TOKEN``, so a machine that never ran Ray
+    (no ``~/.ray/auth_token``) works too.
+    """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python` from here
-    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 heads want a token; clients then send ~/.ray's
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     gcs, dashboard = free_port(), free_port()
-    subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--num-cpus=3",  # two training workers and Ray Data
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
-    url = f"http://127.0.0.1:{dashboard}"
     try:
+        started = subprocess.run(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--num-cpus=3",  # two training workers and Ray Data
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        url = f"http://127.0.0.1:{dashboard}"
         wait_for_http(f"{url}/api/version", timeout=120, any_status=True)
         yield url, env
-    finally:
+    finally:  # also after a failed start, which may leave a head running
         subprocess.run([str(BIN / "ray"), "stop"], env=env, timeout=180, capture_output=True)
 
 
