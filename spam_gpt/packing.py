@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from spam_gpt.tokenizer import PAD_TOKEN_ID
@@ -59,27 +60,33 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def packed_batch(sequences: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> PackedBatch:
-    """Tensors for ``rows`` of ``sequences`` (each non-empty); messages numbered in row order."""
-    width = max(sum(len(sequences[i]) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    where: list[tuple[int, int, int]] = []
-    for r, row in enumerate(rows):
-        column = 0
-        for k, i in enumerate(row):
-            n = len(sequences[i])
-            input_ids[r, column : column + n] = torch.tensor(sequences[i])
-            positions[r, column : column + n] = torch.arange(n)
-            segments[r, column : column + n] = k
-            where.append((r, column, column + n - 1))
-            column += n
+    """Tensors for ``rows`` of ``sequences`` (each non-empty); messages numbered in row order.
+    Filled a row at a time in numpy: per-message tensor writes cost more than a tiny
+    model's share of the pass."""
+    lengths = [[len(sequences[i]) for i in row] for row in rows]
+    width = max(map(sum, lengths))
+    input_ids = np.full((len(rows), width), PAD_TOKEN_ID, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    segments = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, (row, sizes) in enumerate(zip(rows, lengths)):
+        used = sum(sizes)
+        input_ids[r, :used] = [token for i in row for token in sequences[i]]
+        positions[r, :used] = np.concatenate([np.arange(n) for n in sizes])
+        segments[r, :used] = np.repeat(np.arange(len(row)), sizes)
+    ends = np.concatenate([np.cumsum(sizes) - 1 for sizes in lengths])
+    starts = ends - np.concatenate(lengths) + 1
+    located_rows = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+    segment_ids = torch.from_numpy(segments)
     mask = None
     if any(len(row) > 1 for row in rows):
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
-    located = torch.tensor(where, dtype=torch.long)
-    return PackedBatch(input_ids, positions, mask, *located.unbind(1))
+        mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+    return PackedBatch(
+        torch.from_numpy(input_ids),
+        torch.from_numpy(positions),
+        mask,
+        *(torch.from_numpy(a.astype(np.int64)) for a in (located_rows, starts, ends)),
+    )
 
 
 def pack_sequences(sequences: Sequence[Sequence[int]]) -> tuple[PackedBatch, torch.Tensor]:
