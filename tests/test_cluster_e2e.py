@@ -90,10 +90,13 @@ def submit(ray_head, script: str, *args: str) -> str:
 
 def test_train_score_serve_as_submitted_jobs(ray_head, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # preset, workers and the registered name come from the repository's ray_config.yaml
+    # preset, workers and the registered name come from the repository's ray_config.yaml;
+    # one epoch is enough for the chapter's messages (epochs are tested in test_ray_train)
     submit(
         ray_head,
         "train.py",
+        "--epochs",
+        "1",
         "--tracking-uri",
         uri,
         "--experiment",
@@ -105,6 +108,7 @@ def test_train_score_serve_as_submitted_jobs(ray_head, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("cluster-e2e").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["workers"] == "2" and run.data.params["preset"] == "tiny"
+    assert run.data.params["epochs"] == "1"
     assert run.data.metrics["test_accuracy"] > 0.9
     assert client.search_model_versions("name='spam-gpt'")
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("local_ray")
 RAY_CPUS = 3  # two training workers, and one for Ray Data streaming their rows
 CALL = "URGENT! Your mobile won a prize. Call 09061701461 now to claim"
 HAM = "ok see you at the station at 6, bring the umbrella"
+MAX_STEPS = 150
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,8 @@ def three_class_run(three_class_data, mlflow_server, tmp_path_factory):
         "tiny",
         "--epochs",
         "3",
+        "--max-steps",
+        str(MAX_STEPS),  # 63 steps an epoch: stops part way through the third
         "--workers",
         "2",
         "--data",
@@ -128,10 +131,10 @@ def test_the_serve_api_answers_with_the_three_labels(three_class_run):
         serve.shutdown()
 
 
-def test_max_steps_stops_a_streamed_run_early(three_class_data, tmp_path):
-    args = ["train", "--preset", "tiny", "--workers", "2", "--max-steps", "20"]
-    args += ["--data", str(three_class_data), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
-    assert main([*args, "--register-as", "", "--output", str(tmp_path / "run")]) == 0
-    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
-    assert history["global_step"] == 19 and history["examples_seen"] == 20 * 8
-    assert history["stopped_at_max_steps"] and history["epochs_done"] == 1
+def test_max_steps_stops_a_streamed_run_early(three_class_run):
+    out, _ = three_class_run
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history["global_step"] == MAX_STEPS - 1
+    assert history["examples_seen"] == MAX_STEPS * 8
+    assert history["stopped_at_max_steps"] and history["epochs_done"] == 3
+    assert history["eval_steps"] == list(range(0, MAX_STEPS, 50))

@@ -71,16 +71,16 @@ def assert_complete_histories(client: MlflowClient, run_id: str, epochs: int) ->
 
 def test_two_workers_end_to_end(tmp_path, mlflow_server, capsys):
     out = tmp_path / "run"
-    assert train(out, mlflow_server, "two-workers") == 0
+    assert train(out, mlflow_server, "two-workers", "--epochs", "2") == 0
     client = MlflowClient(mlflow_server)
     run = only_run(client, "two-workers")
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["workers"] == "2" and params["epochs"] == "5" and params["preset"] == "tiny"
+    assert params["workers"] == "2" and params["epochs"] == "2" and params["preset"] == "tiny"
     assert params["lr"] == "0.001" and params["batch_size"] == "8"
     assert len(params["dataset_checksum"]) == 64 and params["git_commit"]
-    assert_complete_histories(client, run_id, epochs=5)
+    assert_complete_histories(client, run_id, epochs=2)
     metrics = run.data.metrics
     assert metrics["test_accuracy"] >= 0.93
     for key in (
@@ -211,7 +211,7 @@ def train_in_background(*args) -> tuple[threading.Thread, list[int]]:
 def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mlflow_server):
     out = tmp_path / "run"
     thread, codes = train_in_background(
-        out, mlflow_server, "kill-recover", "--epochs", "3", "--register-as", "kill-recover"
+        out, mlflow_server, "kill-recover", "--epochs", "2", "--register-as", "kill-recover"
     )
     killed = kill_a_worker_after_first_checkpoint(out)
     thread.join(timeout=600)
@@ -221,7 +221,7 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mlflow_server)
     run = only_run(client, "kill-recover")
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["resumed_from_epoch"]) >= 1
-    assert_complete_histories(client, run.info.run_id, epochs=3)
+    assert_complete_histories(client, run.info.run_id, epochs=2)
     assert len(client.search_model_versions("name='kill-recover'")) == 1
 
 
@@ -232,7 +232,7 @@ def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
         mlflow_server,
         "stop-resume",
         "--epochs",
-        "3",
+        "2",
         "--max-failures",
         "0",
         "--register-as",
@@ -252,7 +252,7 @@ def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
     run = only_run(client, "stop-resume")
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["resumed_from_epoch"]) >= 1
-    assert_complete_histories(client, run.info.run_id, epochs=3)
+    assert_complete_histories(client, run.info.run_id, epochs=2)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.9
     # --keep best: the best epoch's weights came through the restart with the checkpoint.
