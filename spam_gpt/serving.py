@@ -13,6 +13,7 @@ classes, not strings, through Serve's ingress wrapper.
 import asyncio
 import json
 import logging
+import math
 from importlib import resources
 from typing import Annotated
 
@@ -89,14 +90,28 @@ REFUSALS = {
 }
 
 
+def json_safe(value):
+    """``value`` as a JSON answer can carry it. Python's JSON reader accepts what JSON
+    cannot say (NaN, infinities, lone surrogates in ``\\ud800`` escapes), and an answer
+    that echoes the client's input must not fail on them: numbers become text, lone
+    surrogates U+FFFD."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 @api.exception_handler(RequestValidationError)
 async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+    detail = json.loads(json.dumps(error.errors(), default=str))
     return JSONResponse(
         status_code=422,
-        content={
-            "error": describe_errors(error),
-            "detail": json.loads(json.dumps(error.errors(), default=str)),
-        },
+        content=json_safe({"error": describe_errors(error), "detail": detail}),
     )
 
 

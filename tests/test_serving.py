@@ -231,6 +231,11 @@ BAD_REQUESTS = {
     "not an object": (b'["hi"]', 422, "valid dictionary"),
     "invalid UTF-8": (b'{"text": "\xff\xfe bad"}', 400, ""),
     "absurd nesting": (b"[" * 200_000 + b"]" * 200_000, 400, ""),
+    # JSON that Python's reader takes but a JSON answer cannot echo back as it came
+    "lone surrogate": (b'{"text": "hi \\ud800 there"}', 422, "text: Input should be a valid"),
+    "lone surrogate in a field name": (b'{"text": "hi", "\\udc00": 1}', 422, "a valid string"),
+    "infinite number": (b'{"text": 1e999}', 422, "text: Input should be a valid string"),
+    "NaN": (b'{"text": NaN}', 422, "text: Input should be a valid string"),
     "text too long": (json.dumps({"text": "x" * (MAX_TEXT_CHARS + 1)}).encode(), 422, "at most"),
     # urllib writes all 20 MB before it reads: the 413 must still reach it, not a reset
     "body of 20 MB": (json.dumps({"text": "x" * 20_000_000}).encode(), 413, "exceeds"),
