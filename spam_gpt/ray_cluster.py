@@ -1,9 +1,15 @@
-"""Joining a Ray cluster, or starting a local one sized for this machine."""
+"""Joining a Ray cluster, or starting a local one sized for this machine (and leaving
+none of its processes behind)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
+import signal
+import time
+from pathlib import Path
 
 import ray
 
@@ -36,7 +42,51 @@ def connect(
         # past 4x this many (default: cores).
         startup = {"worker_maximum_startup_concurrency": max(8, cpus)}
         ray.init(num_cpus=cpus, _system_config=startup, _metrics_export_port=metrics_port, **quiet)
+        atexit.register(shutdown_local_ray, raylet_pids())  # runs before Ray's own handler
     console.mute()  # Ray Data's and Serve's loggers exist now
+
+
+def raylet_pids() -> set[int]:
+    """The raylets this process started (a local Ray's), found in ``/proc``; none
+    elsewhere than on Linux."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "PID (NAME) STATE PPID ..."
+        except OSError:
+            continue
+        name, after = text[text.find("(") + 1 : text.rfind(")")], text[text.rfind(")") + 2 :]
+        if name == "raylet" and int(after.split()[1]) == os.getpid():
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def workers_of(raylets: set[int]) -> list[int]:
+    """Live processes that a raylet of ``raylets`` started (Ray sets ``RAY_RAYLET_PID``)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(f"RAY_RAYLET_PID={pid}".encode() in variables for pid in raylets):
+            found.append(int(environ.parent.name))
+    return found
+
+
+def shutdown_local_ray(raylets: set[int], grace_s: float = 5.0) -> list[int]:
+    """Shut the local Ray down, then kill its worker processes still there after
+    ``grace_s``: Ray 2.60's core worker can deadlock in its own exit handlers (seen here: a
+    ``ray::TrainController`` that outlived its cluster by hours, holding 460 MB). Returns
+    the processes killed."""
+    ray.shutdown()
+    deadline = time.monotonic() + grace_s
+    while (left := workers_of(raylets)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def metrics_url() -> str:

@@ -209,12 +209,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def local_ray(request):
     """A local Ray for one test module (two CPUs, or the module's ``RAY_CPUS``), shut
-    down after it."""
+    down after it with none of its processes left."""
     import ray
 
+    from spam_gpt.ray_cluster import raylet_pids, shutdown_local_ray
+
     ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 2))
+    raylets = raylet_pids()
     yield
-    ray.shutdown()
+    shutdown_local_ray(raylets)
 
 
 def haproxy_running() -> bool:

@@ -1,0 +1,56 @@
+"""A local Ray leaves none of its processes behind, even one stuck in its own exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from spam_gpt.ray_cluster import raylet_pids, shutdown_local_ray, workers_of
+
+# A process that outlives a polite stop, as a Ray worker deadlocked in its exit handlers does.
+STUCK = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+GONE_RAYLET = 2**22 + 12345  # above Linux's default pid_max: no such raylet
+
+
+def test_a_worker_that_outlives_its_ray_is_killed_after_the_grace_period():
+    env = {**os.environ, "RAY_RAYLET_PID": str(GONE_RAYLET)}
+    stuck = subprocess.Popen([sys.executable, "-c", STUCK], env=env)
+    bystander = subprocess.Popen([sys.executable, "-c", STUCK])
+    try:
+        assert workers_of({GONE_RAYLET}) == [stuck.pid]
+        assert shutdown_local_ray({GONE_RAYLET}, grace_s=0.5) == [stuck.pid]
+        assert stuck.wait(timeout=10) == -9
+        assert bystander.poll() is None  # another raylet's, or nobody's: left alone
+    finally:
+        stuck.kill()
+        bystander.kill()
+
+
+def test_no_raylet_is_counted_before_ray_starts():
+    assert raylet_pids() == set()
+
+
+# A command's process: a local Ray with an actor, then the end of the process.
+COMMAND = """
+import ray
+from spam_gpt.ray_cluster import connect, raylet_pids, workers_of
+
+connect(num_cpus=1)
+actor = ray.remote(num_cpus=0)(type("Idle", (), {"pid": lambda self: __import__("os").getpid()}))
+handle = actor.remote()
+ray.get(handle.pid.remote())
+(raylet,) = raylet_pids()
+print(raylet, len(workers_of({raylet})), flush=True)
+"""
+
+
+def test_a_command_that_started_ray_leaves_none_of_its_processes():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMMAND], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    raylet, workers = map(int, done.stdout.split()[-2:])
+    assert workers >= 1  # the actor's process, at least, was counted while Ray ran
+    assert workers_of({raylet}) == []
