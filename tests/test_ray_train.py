@@ -160,14 +160,16 @@ def test_mlflow_models_predict_serves_the_registered_model(tmp_path, mlflow_serv
 
 def test_one_worker_streams_the_chapters_epochs(tmp_path, tiny_run):
     """Streamed through Ray Data, one worker takes the chapter's 130 batches of 8 per
-    epoch and is evaluated on every row, as the in-process run is; the shuffle is Ray
-    Data's, so the numbers are close rather than equal."""
+    epoch and is evaluated on every row, as the in-process run is (its first epoch is
+    compared); the shuffle is Ray Data's, so its accuracy is not the same."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "one"
     args = [
         "train",
         "--preset",
         "tiny",
+        "--epochs",
+        "1",
         "--workers",
         "1",
         "--tracking-uri",
@@ -178,12 +180,14 @@ def test_one_worker_streams_the_chapters_epochs(tmp_path, tiny_run):
         "",
     ]
     assert main(args) == 0
-    ray_run = json.loads((out / "metrics.json").read_text())
-    local = json.loads((tiny_run / "metrics.json").read_text())
-    for key in ("examples_seen", "global_step", "eval_steps"):
-        assert ray_run["history"][key] == local["history"][key], key
-    assert sum(map(sum, ray_run["confusion_matrix"])) == 300
-    assert ray_run["test_accuracy"] == pytest.approx(local["test_accuracy"], abs=0.03)
+    metrics = json.loads((out / "metrics.json").read_text())
+    ray_run, local = metrics["history"], json.loads((tiny_run / "metrics.json").read_text())
+    assert ray_run["global_step"] == 129 and ray_run["examples_seen"] == 130 * 8
+    first_epoch = [i for i, step in enumerate(local["history"]["eval_steps"]) if step < 130]
+    for key in ("eval_steps", "eval_examples"):
+        assert ray_run[key] == [local["history"][key][i] for i in first_epoch], key
+    assert sum(map(sum, metrics["confusion_matrix"])) == 300
+    assert metrics["test_accuracy"] > 0.9  # local["test_accuracy"] after five epochs: ~0.965
 
 
 def kill_a_worker_after_first_checkpoint(out: Path, timeout: float = 240) -> int:
