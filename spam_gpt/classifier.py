@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spam_gpt.corpus import LABEL_NAMES
 from spam_gpt.model import GPTModel
 from spam_gpt.packing import PackedBatch
 from spam_gpt.precision import autocast_for
 
-LABEL_NAMES = ("not spam", "spam")  # the chapter's labels, 0 and 1
 SPAM_LABEL = "spam"
 TRAINABLE_CHOICES = ("last_layer", "last_block", "last_two_blocks", "all")
 TOKEN_CHOICES = ("last", "last_real", "first")

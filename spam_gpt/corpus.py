@@ -21,6 +21,7 @@ UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip
 MEMBER_NAME = "SMSSpamCollection"
 CORPUS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 LABELS = {"ham": 0, "spam": 1}
+LABEL_NAMES = ("not spam", "spam")  # what the chapter calls labels 0 and 1
 SPLIT_NAMES = ("train", "validation", "test")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -25,18 +24,16 @@ from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.dataset import Batch, SpamDataset, create_loader, make_batch
 from spam_gpt.finetune import Loaders, Workers
 from spam_gpt.labelled import (
-    Columns,
     InMemory,
     LabelledInputs,
     Part,
     ScanStats,
     SplitPlan,
+    encode_split,
     make_plan,
     scan_source,
-    split_rows,
 )
 from spam_gpt.sources import ParquetFooters, read_files
-from spam_gpt.tokenizer import get_tokenizer
 
 PROBES = ("train_probe", "validation_probe")
 SHUFFLE_BUFFER_ROWS = 2048
@@ -62,20 +59,6 @@ def scan_on_ray(inputs: LabelledInputs) -> ScanStats:
 
 def plan_on_ray(inputs: LabelledInputs) -> SplitPlan:
     return make_plan(inputs.spec, scan_on_ray(inputs), inputs.fixed_labels)
-
-
-def encode_split(
-    table: pa.Table, columns: Columns, part_split: str | None, plan: SplitPlan, split: str
-) -> pa.Table:
-    """``map_batches``: the rows of ``split`` as token ids and label indices."""
-    texts, labels = split_rows(table, columns, part_split, plan)[split]
-    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
-    return pa.table(
-        {
-            "input_ids": pa.array(ids, pa.list_(pa.int32())),
-            "label": pa.array(labels, pa.int64()),
-        }
-    )
 
 
 def part_footers(part: Part) -> ParquetFooters | None:

@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from spam_gpt.classifier import LABEL_NAMES
-from spam_gpt.corpus import SPLIT_NAMES, build_splits, read_splits
+from spam_gpt.corpus import LABEL_NAMES, SPLIT_NAMES, build_splits, read_splits
 from spam_gpt.sources import (
     DataError,
     SourceFile,
@@ -607,6 +606,22 @@ def split_rows(
             chosen[split][0].append(row.text)
             chosen[split][1].append(index[row.label])
     return chosen
+
+
+def encode_split(
+    table: pa.Table, columns: Columns, part_split: str | None, plan: SplitPlan, split: str
+) -> pa.Table:
+    """``map_batches`` on Ray: the rows of ``split`` as token ids and label indices. Kept
+    in this module, which imports no torch, because every process that runs or plans the
+    map (Ray Data's tasks, each split's coordinator) imports the module it lives in."""
+    texts, labels = split_rows(table, columns, part_split, plan)[split]
+    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
+    return pa.table(
+        {
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "label": pa.array(labels, pa.int64()),
+        }
+    )
 
 
 def load_in_process(

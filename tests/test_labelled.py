@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import pandas as pd
@@ -245,3 +247,16 @@ def test_three_classes_train_in_process_and_classify(three_class_data, tmp_path,
     assert record["probability"] == max(record["probabilities"].values())
     assert main(["evaluate", "--model", str(out / "model"), "--data", str(three_class_data)]) == 0
     assert f"Test accuracy: {metrics['test_accuracy'] * 100:.2f}%" in capsys.readouterr().out
+
+
+def test_what_ray_datas_processes_import_pulls_in_no_torch():
+    """Every process that runs or plans the streamed split's map (Ray Data's tasks, each
+    split's coordinator) imports ``spam_gpt.labelled``; torch, matplotlib and MLflow there
+    made every Ray Train job start about 10 s slower on two cores."""
+    probe = (
+        "import sys, spam_gpt.labelled; "
+        "print(sorted({'torch', 'matplotlib', 'mlflow'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
