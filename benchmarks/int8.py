@@ -5,13 +5,16 @@
 For each model (random weights) it times ``Predictor.predict`` on random corpus messages in
 fp32, in spam-gpt's int8 (``torch.ao`` dynamic quantisation of the blocks' Linear layers)
 and, when torchao is installed, in torchao's ``Int8DynamicActivationInt8WeightConfig`` on
-the same layers; each int8 row gives the share of labels equal to fp32's and the largest
-change of a probability. Prints a Markdown table.
+the same layers; with onnxruntime installed (``pip install -e '.[bench]'``), ONNX Runtime
+fp32 and its dynamic int8 on transformers' model with the same weights, timed with
+tokenization as the predictor is. Each int8 row gives the share of labels equal to its
+own fp32's and the largest change of a probability. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import random
 import tempfile
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from score import random_checkpoint
+from score import onnx_models, onnx_runtime_batched, random_checkpoint
 
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
 from spam_gpt.predictor import Predictor
@@ -36,6 +39,35 @@ def torchao_predictor(checkpoint: Path) -> Predictor | None:
     return predictor
 
 
+def timed(predictor: Predictor, sample: list[str]) -> tuple[float, list[list[float]]]:
+    """Messages per second, and every message's label probabilities."""
+    predictor.predict(sample[:32])  # warm-up
+    started = time.perf_counter()
+    predictions = predictor.predict(sample)
+    rate = len(sample) / (time.perf_counter() - started)
+    return rate, [list(p.probabilities.values()) for p in predictions]
+
+
+def agreement(reference: list[list[float]], rows: list[list[float]]) -> tuple[float, float]:
+    """Share of labels (argmax) equal to the reference's, and the largest probability change."""
+    same = sum(a.index(max(a)) == b.index(max(b)) for a, b in zip(reference, rows))
+    change = max(abs(x - y) for a, b in zip(reference, rows) for x, y in zip(a, b))
+    return same / len(rows), change
+
+
+def onnx_variants(checkpoint: Path, sample: list[str], work: Path, threads: int) -> dict:
+    """ONNX Runtime fp32 and its dynamic int8 on transformers' model with the same weights
+    (its head has no bias, so its probabilities are its own: int8 is compared with ORT
+    fp32); empty without onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {}
+    exported = onnx_models(checkpoint, work)
+    return {
+        f"ORT {p}": onnx_runtime_batched(path, sample, threads=threads)
+        for p, path in exported.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-small"])
@@ -47,32 +79,23 @@ def main() -> None:
     sample = random.Random(1).choices(texts, k=args.messages)
     work = Path(tempfile.mkdtemp(prefix="spam-gpt-int8-bench-"))
     print(f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}")
-    print("| model | precision | messages/s | x fp32 | labels as fp32 | largest change |")
+    print("| model | precision | messages/s | x fp32 | labels as its fp32 | largest change |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         checkpoint = random_checkpoint(name, work)
-        variants = {
+        predictors = {
             "fp32": Predictor.from_checkpoint(str(checkpoint)),
             "int8 (torch.ao, spam-gpt)": Predictor.from_checkpoint(
                 str(checkpoint), precision="int8"
             ),
             "int8 (torchao)": torchao_predictor(checkpoint),
         }
-        reference, base = None, 0.0
-        for label, predictor in variants.items():
-            if predictor is None:
-                continue
-            predictor.predict(sample[:32])  # warm-up
-            started = time.perf_counter()
-            predictions = predictor.predict(sample)
-            rate = len(sample) / (time.perf_counter() - started)
-            reference, base = reference or predictions, base or rate
-            same = sum(a.label == b.label for a, b in zip(reference, predictions)) / len(sample)
-            change = max(
-                abs(a.probabilities[k] - b.probabilities[k])
-                for a, b in zip(reference, predictions)
-                for k in a.probabilities
-            )
+        results = {label: timed(p, sample) for label, p in predictors.items() if p is not None}
+        results |= onnx_variants(checkpoint, sample, work, args.threads)
+        base = results["fp32"][0]
+        for label, (rate, rows) in results.items():
+            reference = results["ORT fp32" if label.startswith("ORT") else "fp32"][1]
+            same, change = agreement(reference, rows)
             print(
                 f"| {name} | {label} | {rate:.1f} | {rate / base:.2f}x | {same:.1%} | "
                 f"{change:.3f} |",

@@ -176,21 +176,29 @@ def onnx_models(checkpoint: Path, folder: Path) -> dict[str, Path]:
     return {"fp32": fp32, "int8": int8}
 
 
-def onnx_runtime_batched(model: Path, texts: list[str], batch_size: int = 64) -> float:
-    """ONNX Runtime on the CPU with every core, batches of messages sorted by length."""
+def onnx_runtime_batched(
+    model: Path, texts: list[str], batch_size: int = 64, threads: int | None = None
+) -> tuple[float, list[list[float]]]:
+    """ONNX Runtime on the CPU with every core (or ``threads``), batches of messages sorted
+    by length: messages per second, and each message's label probabilities in input order."""
     import numpy as np
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    options.intra_op_num_threads, options.inter_op_num_threads = threads or THREADS, 1
     session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    probabilities: list[list[float]] = [[]] * len(texts)
     started = time.perf_counter()
-    encoded = sorted((encode_text(t)[:120] for t in texts), key=len)
-    for start in range(0, len(encoded), batch_size):
-        ids, mask = padded(encoded[start : start + batch_size])
+    encoded = [encode_text(t)[:120] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = padded([encoded[i] for i in chunk])
         feeds = {"input_ids": np.array(ids), "attention_mask": np.array(mask)}
-        session.run(["logits"], feeds)[0].argmax(-1)
-    return len(texts) / (time.perf_counter() - started)
+        logits = torch.from_numpy(session.run(["logits"], feeds)[0])
+        for i, row in zip(chunk, torch.softmax(logits.float(), -1).tolist()):
+            probabilities[i] = row
+    return len(texts) / (time.perf_counter() - started), probabilities
 
 
 def scoring_job(checkpoint: Path, parquet: Path, out: Path, precision: str) -> float:
@@ -257,7 +265,7 @@ def main() -> None:
         ort = {}
         if onnx:
             exported = onnx_models(checkpoint, work)
-            ort = {p: onnx_runtime_batched(exported[p], texts[:sample]) for p in exported}
+            ort = {p: onnx_runtime_batched(exported[p], texts[:sample])[0] for p in exported}
         rates = " | ".join(shown(job.get(p), "{:.1f}") for p in PRECISIONS)
         over_loop = ", ".join(shown(job.get(p), "{:.1f}x", loop) for p in PRECISIONS)
         over_hf = ", ".join(shown(job.get(p), "{:.1f}x", hf) for p in PRECISIONS)

@@ -11,10 +11,13 @@ the CPU default. int8 is for CPUs: the transformer's Linear layers dynamically q
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on GPUs, fp32 on CPUs
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
@@ -29,9 +32,35 @@ def require_cpu_for_int8(precision: str, device_type: str) -> None:
         raise ValueError("--precision int8 runs on CPUs; on a GPU use bf16")
 
 
+@functools.cache
+def adds_int8_into_32_bits() -> bool:
+    """Whether this CPU has VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8), whose int8 dot
+    products add straight into 32 bits; read from ``/proc/cpuinfo`` (False elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in cpuinfo.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+class FullRangeDynamicLinear(DynamicLinear):
+    """torch.ao's dynamic int8 Linear with its activations quantised to all 8 bits.
+
+    torch.ao asks for 7-bit activations (``reduce_range``) because fbgemm's AVX2 kernels
+    add pairs of u8 x s8 products in 16 bits, which 8-bit activations can saturate. VNNI
+    adds into 32 bits, so there the full range is safe and halves the activations'
+    rounding: gpt2-small with random weights, labels equal to fp32's on 95.7 -> 98.3 % of
+    600 messages, largest probability change 0.048 -> 0.030, at the same speed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_params._packed_params
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """``model`` with the Linear layers of its transformer blocks dynamically quantised to
-    int8, weights per output channel; the classification head stays fp32.
+    int8, weights per output channel; the classification head stays fp32. Activations use
+    all 8 bits on CPUs with VNNI, 7 elsewhere (see :class:`FullRangeDynamicLinear`).
 
     PyTorch's own dynamic quantisation (``torch.ao.quantization``), which is deprecated in
     favour of torchao: measured here on gpt2-small (two threads, 128 corpus messages) it
@@ -47,7 +76,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=DEPRECATED_QUANTIZATION)
-        return torch.ao.quantization.quantize_dynamic(model, blocks, dtype=torch.qint8)
+        mapping = {nn.Linear: FullRangeDynamicLinear if adds_int8_into_32_bits() else DynamicLinear}
+        return torch.ao.quantization.quantize_dynamic(model, blocks, torch.qint8, mapping)
 
 
 def autocast_for(
