@@ -564,7 +564,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.best is not None else 1
 
 
+def kept_epoch_note(metrics: dict) -> str:
+    """Which epoch's weights a run kept when ``--keep best`` kept an earlier one than its
+    last (else ""): the final accuracies are that epoch's, not the last epoch line's."""
+    kept, trained = metrics.get("kept_epoch"), metrics.get("epochs_trained")
+    if kept is None or kept == trained:
+        return ""
+    return f"Kept the weights of epoch {kept} of {trained}, the best on validation (--keep best)"
+
+
 def print_summary(metrics: dict) -> None:
+    if note := kept_epoch_note(metrics):
+        print(note)
     print(
         f"Training accuracy: {metrics['train_accuracy'] * 100:.2f}%\n"
         f"Validation accuracy: {metrics['validation_accuracy'] * 100:.2f}%\n"

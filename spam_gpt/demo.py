@@ -49,6 +49,7 @@ def run_demo(out: Path, port: int) -> None:
     import ray
     from ray import serve
 
+    from spam_gpt.cli import kept_epoch_note
     from spam_gpt.config import resolve_config
     from spam_gpt.corpus import build_splits, bundled_corpus_bytes, parse_collection, write_splits
     from spam_gpt.distributed import (
@@ -100,6 +101,8 @@ def run_demo(out: Path, port: int) -> None:
     )
     metrics = run_job(job, inputs, plan, weights_for_workers(cfg.weights))
     model_ref = pin_model_ref("models:/spam-gpt/latest", tracking_uri)
+    if note := kept_epoch_note(metrics):
+        print(note)
     print(
         f"Test accuracy {metrics['test_accuracy']:.2%}, spam precision "
         f"{metrics['spam_precision']:.2%}, recall {metrics['spam_recall']:.2%}; "

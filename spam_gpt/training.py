@@ -297,11 +297,7 @@ def train_classifier_simple(
         if history.stopped_early:
             break
     if keep_best and keep_best.state is not None and history.best_epoch != history.epochs_done:
-        keep_best.restore(model)
-        log(
-            f"Keeping epoch {history.best_epoch}'s weights (validation accuracy "
-            f"{history.val_accs[history.best_epoch - 1] * 100:.2f}%, --keep best)"
-        )
+        keep_best.restore(model)  # the summary says so (``kept_epoch_note``)
     return history
 
 

@@ -280,6 +280,17 @@ def test_evaluate_prints_accuracies_and_spam_scores(tiny_run, capsys):
     assert "Training accuracy:" in out and "Spam precision" in out and "recall" in out
 
 
+def test_the_summary_names_the_epoch_keep_best_kept(tiny_run, capsys):
+    from spam_gpt.cli import print_summary
+
+    metrics = json.loads((tiny_run / "metrics.json").read_text())  # as Ray jobs return them
+    print_summary({**metrics, "kept_epoch": 2, "epochs_trained": 5})
+    kept = "Kept the weights of epoch 2 of 5, the best on validation (--keep best)\n"
+    assert capsys.readouterr().out.startswith(kept)
+    print_summary({**metrics, "kept_epoch": 5, "epochs_trained": 5})
+    assert "Kept" not in capsys.readouterr().out
+
+
 def test_train_prints_chapter_lines_progress_and_honours_overrides(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--epochs", "1", "--lr", "0.002", "--output", str(out)]
