@@ -14,7 +14,6 @@ own fp32's and the largest change of a probability. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import random
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from score import onnx_models, onnx_runtime_batched, random_checkpoint
+from score import onnx_runtime_runs, random_checkpoint
 
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
 from spam_gpt.predictor import Predictor
@@ -55,19 +54,6 @@ def agreement(reference: list[list[float]], rows: list[list[float]]) -> tuple[fl
     return same / len(rows), change
 
 
-def onnx_variants(checkpoint: Path, sample: list[str], work: Path, threads: int) -> dict:
-    """ONNX Runtime fp32 and its dynamic int8 on transformers' model with the same weights
-    (its head has no bias, so its probabilities are its own: int8 is compared with ORT
-    fp32); empty without onnxruntime."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return {}
-    exported = onnx_models(checkpoint, work)
-    return {
-        f"ORT {p}": onnx_runtime_batched(path, sample, threads=threads)
-        for p, path in exported.items()
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-small"])
@@ -91,7 +77,10 @@ def main() -> None:
             "int8 (torchao)": torchao_predictor(checkpoint),
         }
         results = {label: timed(p, sample) for label, p in predictors.items() if p is not None}
-        results |= onnx_variants(checkpoint, sample, work, args.threads)
+        # ONNX Runtime's head has no bias, so its probabilities are its own: its int8 is
+        # compared with its fp32.
+        ort = onnx_runtime_runs(checkpoint, sample, work, args.threads)
+        results |= {f"ORT {p}": run for p, run in ort.items()}
         base = results["fp32"][0]
         for label, (rate, rows) in results.items():
             reference = results["ORT fp32" if label.startswith("ORT") else "fp32"][1]

@@ -201,6 +201,17 @@ def onnx_runtime_batched(
     return len(texts) / (time.perf_counter() - started), probabilities
 
 
+def onnx_runtime_runs(
+    checkpoint: Path, texts: list[str], work: Path, threads: int | None = None
+) -> dict[str, tuple[float, list[list[float]]]]:
+    """(d) and (e): :func:`onnx_runtime_batched` on the fp32 and int8 exports of
+    ``checkpoint``, by precision; empty without onnxruntime (the ``bench`` extra)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {}
+    exported = onnx_models(checkpoint, work)
+    return {p: onnx_runtime_batched(path, texts, threads=threads) for p, path in exported.items()}
+
+
 def scoring_job(checkpoint: Path, parquet: Path, out: Path, precision: str) -> float:
     """Rows per second; prints the peak private memory of the driver and the actor."""
     driver, actor = PeakMemory(1.0), PeakMemory(1.0, scorer_pids)
@@ -241,8 +252,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {THREADS} CPUs, torch {torch.__version__}, "
         f"{args.rows:,} rows in {work / 'messages.parquet'}"
     )
-    onnx = importlib.util.find_spec("onnxruntime") is not None
-    if not onnx:
+    if importlib.util.find_spec("onnxruntime") is None:
         print("(d), (e): ONNX Runtime is not installed (pip install -e '.[bench]')")
     print(
         "| model | (a) job fp32 | (a) job bf16 | (a) job int8 | (b) chapter loop | "
@@ -262,10 +272,8 @@ def main() -> None:
         }
         loop = chapter_loop(checkpoint, texts[:sample])
         hf = transformers_batched(checkpoint, texts[:sample])
-        ort = {}
-        if onnx:
-            exported = onnx_models(checkpoint, work)
-            ort = {p: onnx_runtime_batched(exported[p], texts[:sample])[0] for p in exported}
+        runs = onnx_runtime_runs(checkpoint, texts[:sample], work)
+        ort = {p: rate for p, (rate, _) in runs.items()}
         rates = " | ".join(shown(job.get(p), "{:.1f}") for p in PRECISIONS)
         over_loop = ", ".join(shown(job.get(p), "{:.1f}x", loop) for p in PRECISIONS)
         over_hf = ", ".join(shown(job.get(p), "{:.1f}x", hf) for p in PRECISIONS)
