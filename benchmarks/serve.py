@@ -15,14 +15,13 @@ measured in-process without HTTP (what batching can gain for the model on this m
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import json
 import os
 import platform
 import random
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,49 +34,69 @@ from spam_gpt.predictor import Predictor
 from spam_gpt.server import deploy, use_high_throughput_ingress
 
 CONCURRENCY = (1, 8, 32)
+REQUEST_HEAD = (
+    b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n"
+)
+
+
+async def keep_in_flight(
+    port: int, texts: list[str], concurrency: int, requests: int, seconds: float
+) -> tuple[list[float], int, float]:
+    """``concurrency`` keep-alive connections, one request in flight on each, on one event
+    loop: about 0.07 ms of client CPU per request against 0.24 ms for a thread per
+    connection with ``http.client``, which on 2 cores took CPU from the server it measured."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    deadline = time.monotonic() + seconds
+
+    async def connection(seed: int) -> None:
+        nonlocal errors, issued
+        rng = random.Random(seed)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.monotonic() < deadline and issued < requests:
+            issued += 1
+            body = json.dumps({"text": rng.choice(texts)}).encode()
+            started = time.perf_counter()
+            writer.write(REQUEST_HEAD % len(body) + body)
+            try:
+                ok = await read_answer(reader) == 200
+            except (OSError, asyncio.IncompleteReadError):
+                ok = False
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if ok:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                errors += 1
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection(seed) for seed in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+async def read_answer(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 answer with a Content-Length (as uvicorn sends); its status."""
+    status_line = (await reader.readline()).split()
+    if len(status_line) < 2:
+        raise ConnectionResetError("the server closed the connection without an answer")
+    status = int(status_line[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
 
 
 def load(port: int, texts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
     """Keep ``concurrency`` requests in flight; latencies in ms, errors counted."""
-    latencies: list[float] = []
-    errors = 0
-    issued = 0
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def worker(seed: int) -> None:
-        nonlocal errors, issued
-        rng = random.Random(seed)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        while time.monotonic() < deadline:
-            with lock:
-                if issued >= requests:
-                    break
-                issued += 1
-            body = json.dumps({"text": rng.choice(texts)})
-            started = time.perf_counter()
-            try:
-                connection.request("POST", "/classify", body, {"Content-Type": "application/json"})
-                response = connection.getresponse()
-                response.read()
-                ok = response.status == 200
-            except OSError:
-                ok = False
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            elapsed = (time.perf_counter() - started) * 1000
-            with lock:
-                if ok:
-                    latencies.append(elapsed)
-                else:
-                    errors += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    latencies, errors, wall = asyncio.run(
+        keep_in_flight(port, texts, concurrency, requests, seconds)
+    )
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
     return {
         "rps": len(latencies) / wall,
