@@ -15,12 +15,10 @@ import json
 import logging
 import math
 from importlib import resources
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from spam_gpt.api_keys import KEYS_VARIABLE, KeyCheck, read_api_keys
@@ -34,7 +32,7 @@ from spam_gpt.api_models import (
     ModelInfo,
 )
 from spam_gpt.batching import PassBatcher
-from spam_gpt.body_limit import BodyLimit
+from spam_gpt.gates import BodyLimit, KeyGate
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,37 +50,42 @@ def describe_errors(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-class KeyRefused(Exception):
-    """A protected route was called without a valid API key."""
+BEARER = "HTTPBearer"
+KEY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API key, when the endpoint was started with keys "
+    "(--api-key-file or SPAM_GPT_API_KEYS)",
+}
+# What a route that needs a key says in the schema; KeyGate refuses KEYED_PATHS without one.
+NEEDS_KEY = {"security": [{BEARER: []}]}
+KEYED_PATHS = frozenset({"/classify", "/classify/batch", "/model"})
 
 
-api = FastAPI(
+class KeyedAPI(FastAPI):
+    """FastAPI whose schema names the bearer scheme that :class:`KeyGate` enforces
+    (FastAPI lists the schemes of dependencies only)."""
+
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = (
+                KEY_SCHEME
+            )
+        return self.openapi_schema
+
+
+api = KeyedAPI(
     title="spam-gpt",
     description="Classify SMS messages with a fine-tuned GPT-2 (spam or not spam, or the "
     "labels the model was trained on).",
     version="1.0",
 )
+# Added before the routes' class, whose ingress freezes a copy of the app. The last added
+# runs first: an oversized body is drained for its 413 before the key gate answers.
+api.add_middleware(KeyGate, protected=KEYED_PATHS, key_check=lambda: api.state.key_check)
 api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-bearer = HTTPBearer(
-    auto_error=False,
-    description="an API key, when the endpoint was started with keys "
-    "(--api-key-file or SPAM_GPT_API_KEYS)",
-)
 
-
-async def require_key(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> None:
-    """A dependency of the protected routes, checked before the body is validated: a
-    client without a key learns nothing about its request. ``async`` because FastAPI runs
-    a plain function dependency in a worker thread, a hop that cost more per request than
-    the tiny model's share of a batched pass."""
-    if not request.app.state.key_check.allows(credentials.credentials if credentials else None):
-        raise KeyRefused()
-
-
-PROTECTED = [Depends(require_key)]
 REFUSALS = {
     401: {"model": ErrorResponse, "description": "no API key, or a wrong one"},
     413: {"model": ErrorResponse, "description": f"body over {MAX_BODY_BYTES:,} bytes"},
@@ -112,15 +115,6 @@ async def validation_error(_request: Request, error: RequestValidationError) -> 
     return JSONResponse(
         status_code=422,
         content=json_safe({"error": describe_errors(error), "detail": detail}),
-    )
-
-
-@api.exception_handler(KeyRefused)
-async def key_refused(_request: Request, _error: KeyRefused) -> JSONResponse:
-    return JSONResponse(
-        status_code=401,
-        content={"error": "this endpoint needs an API key: send Authorization: Bearer KEY"},
-        headers={"WWW-Authenticate": "Bearer"},
     )
 
 
@@ -191,7 +185,7 @@ class SpamClassifierService:
         response_model=ClassifyResponse,
         response_model_exclude_none=True,
         responses=REFUSALS,
-        dependencies=PROTECTED,
+        openapi_extra=NEEDS_KEY,
     )
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Label one message; concurrent calls share a forward pass."""
@@ -204,7 +198,7 @@ class SpamClassifierService:
         response_model=BatchResponse,
         response_model_exclude_none=True,
         responses=REFUSALS,
-        dependencies=PROTECTED,
+        openapi_extra=NEEDS_KEY,
     )
     async def classify_batch(self, request: BatchRequest) -> BatchResponse:
         """Label up to 256 messages (MAX_TEXTS), answered in input order."""
@@ -217,7 +211,7 @@ class SpamClassifierService:
         to load balancers even when the endpoint needs API keys."""
         return {"status": "ok", "api_keys": "required" if self.keys.required else "open"}
 
-    @api.get("/model", responses={401: REFUSALS[401]}, dependencies=PROTECTED)
+    @api.get("/model", responses={401: REFUSALS[401]}, openapi_extra=NEEDS_KEY)
     async def model(self) -> dict:
         """Which model answers, how it was trained, how it scored, and whether the
         endpoint follows an alias to new versions."""

@@ -134,6 +134,14 @@ def test_classifying_needs_one_of_the_keys(service):
     basic = {"Content-Type": "application/json", "Authorization": f"Basic {KEY}"}
     assert call(service, "/classify", body, headers=basic, key=None)[0] == 401
     assert call(service, "/model", key=None)[0] == 401
+    _, schema = call(service, "/openapi.json", key=None)
+    keyed = {
+        path
+        for path, ops in schema["paths"].items()
+        if any("security" in op for op in ops.values())
+    }
+    assert keyed == {"/classify", "/classify/batch", "/model"}  # each refused above
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     request = urllib.request.Request(service + "/classify", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
