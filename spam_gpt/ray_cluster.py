@@ -21,12 +21,15 @@ def connect(
     num_cpus: int | None = None,
     runtime_env: dict | None = None,
     metrics_port: int | None = None,
+    dashboard: bool = False,
 ) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``); else start a local Ray with enough CPUs.
 
     A local Ray gets at least ``num_cpus`` logical CPUs even on a smaller machine, so a job
     asking for more workers than cores runs oversubscribed instead of waiting forever, and
-    exports its Prometheus metrics on ``metrics_port`` (default: a free port).
+    exports its Prometheus metrics on ``metrics_port`` (default: a free port). It runs its
+    dashboard only when asked: it lives only as long as the command, and on 2 cores the
+    dashboard's processes slowed a scoring job by about 5 % (benchmarks/RESULTS.md).
     """
     if ray.is_initialized():
         return
@@ -41,7 +44,13 @@ def connect(
         # and the progress relay at once, a sweep that for each trial running; Ray warns
         # past 4x this many (default: cores).
         startup = {"worker_maximum_startup_concurrency": max(8, cpus)}
-        ray.init(num_cpus=cpus, _system_config=startup, _metrics_export_port=metrics_port, **quiet)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=dashboard,
+            _system_config=startup,
+            _metrics_export_port=metrics_port,
+            **quiet,
+        )
         atexit.register(shutdown_local_ray, raylet_pids())  # runs before Ray's own handler
     console.mute()  # Ray Data's and Serve's loggers exist now
 
