@@ -14,7 +14,7 @@ the body is validated: a client without a key learns nothing about its request.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from spam_gpt.api_keys import KeyCheck
 
@@ -86,9 +86,10 @@ class BodyLimit:
 
 class KeyGate:
     """Refuse requests to ``protected`` paths that lack ``Authorization: Bearer KEY`` with
-    one of the keys of ``key_check()``. A middleware rather than a FastAPI dependency:
-    FastAPI's dependency machinery (the bearer scheme and the check) cost the replica 5 %
-    of its time per batched request, 0.78 against 0.74 ms at concurrency 32."""
+    one of the keys of ``key_check()``. A middleware rather than a FastAPI dependency,
+    whose machinery (the bearer scheme and the check) took about 5 % of the replica's
+    time per batched request: without it 0.74 ms of CPU against 0.78 (tiny, concurrency
+    32); with the gate 0.75-0.77."""
 
     def __init__(self, app, protected: Collection[str], key_check: Callable[[], KeyCheck]):
         self.app = app
@@ -107,8 +108,8 @@ KEY_REFUSAL = "this endpoint needs an API key: send Authorization: Bearer KEY"
 
 
 def route_path(scope) -> str:
-    """The path the app routes on: without the prefix Serve mounts it under (Serve's
-    proxy passes ``root_path`` "/" for the prefix "/")."""
+    """The path the app routes on: without the prefix it is mounted under
+    (``root_path``), which matches whole path segments only, as in Starlette."""
     path, prefix = scope["path"], scope.get("root_path", "").rstrip("/")
     if prefix and (path == prefix or path.startswith(prefix + "/")):
         return path[len(prefix) :] or "/"
@@ -126,7 +127,9 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def refuse(send, status: int, reason: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def refuse(
+    send, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     """Answer ``{"error": reason}`` with ``status``."""
     payload = json.dumps({"error": reason}).encode()
     head = [

@@ -79,7 +79,9 @@ def deploy(
     replicas = app_args.get("max_replicas") or app_args.get("replicas") or 1
     cpus = replicas * app_args.get("threads", 1) + 1
     # The dashboard serves `serve status` and `serve deploy` on a local endpoint.
-    connect(address, cpus, runtime_env, metrics_port=metrics_port, dashboard=True)
+    connect(
+        address, num_cpus=cpus, runtime_env=runtime_env, metrics_port=metrics_port, dashboard=True
+    )
     serve.start(http_options={"host": host, "port": port})
     args = {k: v for k, v in app_args.items() if v is not None}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
