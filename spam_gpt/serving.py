@@ -57,14 +57,13 @@ KEY_SCHEME = {
     "description": "an API key, when the endpoint was started with keys "
     "(--api-key-file or SPAM_GPT_API_KEYS)",
 }
-# What a route that needs a key says in the schema; KeyGate refuses KEYED_PATHS without one.
-NEEDS_KEY = {"security": [{BEARER: []}]}
+# The paths that need a key: KeyGate refuses them without one, and the schema says so.
 KEYED_PATHS = frozenset({"/classify", "/classify/batch", "/model"})
 
 
 class KeyedAPI(FastAPI):
-    """FastAPI whose schema names the bearer scheme that :class:`KeyGate` enforces
-    (FastAPI lists the schemes of dependencies only)."""
+    """FastAPI whose schema names the bearer scheme that :class:`KeyGate` enforces on
+    KEYED_PATHS (FastAPI lists the schemes of dependencies only)."""
 
     def openapi(self) -> dict:
         if self.openapi_schema is None:
@@ -72,6 +71,9 @@ class KeyedAPI(FastAPI):
             schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = (
                 KEY_SCHEME
             )
+            for path in KEYED_PATHS:
+                for operation in schema["paths"][path].values():
+                    operation["security"] = [{BEARER: []}]
         return self.openapi_schema
 
 
@@ -185,7 +187,6 @@ class SpamClassifierService:
         response_model=ClassifyResponse,
         response_model_exclude_none=True,
         responses=REFUSALS,
-        openapi_extra=NEEDS_KEY,
     )
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """Label one message; concurrent calls share a forward pass."""
@@ -198,7 +199,6 @@ class SpamClassifierService:
         response_model=BatchResponse,
         response_model_exclude_none=True,
         responses=REFUSALS,
-        openapi_extra=NEEDS_KEY,
     )
     async def classify_batch(self, request: BatchRequest) -> BatchResponse:
         """Label up to 256 messages (MAX_TEXTS), answered in input order."""
@@ -211,7 +211,7 @@ class SpamClassifierService:
         to load balancers even when the endpoint needs API keys."""
         return {"status": "ok", "api_keys": "required" if self.keys.required else "open"}
 
-    @api.get("/model", responses={401: REFUSALS[401]}, openapi_extra=NEEDS_KEY)
+    @api.get("/model", responses={401: REFUSALS[401]})
     async def model(self) -> dict:
         """Which model answers, how it was trained, how it scored, and whether the
         endpoint follows an alias to new versions."""
