@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +44,19 @@ def adds_int8_into_32_bits() -> bool:
     return any(flag in cpuinfo.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+@contextlib.contextmanager
+def quantized_engine(name: str) -> Iterator[None]:
+    """torch's quantised engine set to ``name`` (when this build has it) while weights are
+    packed: the packed weights keep that engine's kernels after the setting is restored."""
+    before = torch.backends.quantized.engine
+    if name in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
 class FullRangeDynamicLinear(DynamicLinear):
     """torch.ao's dynamic int8 Linear with its activations quantised to all 8 bits.
 
@@ -62,6 +76,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     int8, weights per output channel; the classification head stays fp32. Activations use
     all 8 bits on CPUs with VNNI, 7 elsewhere (see :class:`FullRangeDynamicLinear`).
 
+    Where the CPU has VNNI the weights are packed for oneDNN's kernels rather than the
+    default x86 engine's (fbgemm's), with the same quantisation: a gpt2-small forward pass
+    (64 messages of 40 tokens) takes 8 % less time; the whole corpus, random gpt2-small,
+    139-145 against 124-130 messages/s, labels as fp32 on 98.74 % against 98.78 %.
+
     GELU takes its erf form, whose kernel runs 4.6x the tanh form's here: the two differ
     by at most 5e-4, far below the 8-bit rounding of the next layer's input. gpt2-small
     (random weights) on the whole corpus: labels as fp32 on 98.80 % (tanh) and 98.78 %
@@ -79,9 +98,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and ".trf_blocks." in f".{name}"
     }
-    with warnings.catch_warnings():
+    vnni = adds_int8_into_32_bits()
+    engine = quantized_engine("onednn") if vnni else contextlib.nullcontext()
+    with warnings.catch_warnings(), engine:
         warnings.filterwarnings("ignore", message=DEPRECATED_QUANTIZATION)
-        mapping = {nn.Linear: FullRangeDynamicLinear if adds_int8_into_32_bits() else DynamicLinear}
+        mapping = {nn.Linear: FullRangeDynamicLinear if vnni else DynamicLinear}
         quantized = torch.ao.quantization.quantize_dynamic(model, blocks, torch.qint8, mapping)
     for module in quantized.modules():
         if isinstance(module, nn.GELU):

@@ -267,6 +267,20 @@ def test_int8_activations_use_all_8_bits_where_the_cpu_adds_into_32_bits(tiny_ru
     assert eight < 0.7 * seven  # half the activations' rounding; with the weights' 0.58x
 
 
+def test_int8_packs_for_onednn_and_leaves_the_process_engine_as_it_was(tiny_run):
+    from spam_gpt.precision import quantized_engine
+
+    before = torch.backends.quantized.engine
+    with quantized_engine("onednn"):
+        inside = torch.backends.quantized.engine
+    with quantized_engine("no-such-engine"):
+        unknown = torch.backends.quantized.engine
+    Predictor.from_checkpoint(tiny_run / "model", precision="int8")
+    onednn = "onednn" in torch.backends.quantized.supported_engines
+    assert inside == ("onednn" if onednn else before) and unknown == before
+    assert torch.backends.quantized.engine == before  # other quantised code is untouched
+
+
 def test_int8_is_refused_on_a_gpu_with_the_alternative(tiny_run):
     with pytest.raises(ValueError, match="int8 runs on CPUs; on a GPU use bf16"):
         Predictor.from_checkpoint(tiny_run / "model", precision="int8", device="cuda")
