@@ -267,7 +267,7 @@ def test_int8_activations_use_all_8_bits_where_the_cpu_adds_into_32_bits(tiny_ru
     assert eight < 0.7 * seven  # half the activations' rounding; with the weights' 0.58x
 
 
-def test_int8_packs_for_onednn_and_leaves_the_process_engine_as_it_was(tiny_run):
+def test_int8_sets_the_quantised_engine_while_packing_and_restores_it(tiny_run):
     from spam_gpt.precision import quantized_engine
 
     before = torch.backends.quantized.engine
