@@ -30,6 +30,11 @@ def connect(
     exports its Prometheus metrics on ``metrics_port`` (default: a free port). It runs its
     dashboard only when asked: it lives only as long as the command, and on 2 cores the
     dashboard's processes slowed a scoring job by about 5 % (benchmarks/RESULTS.md).
+
+    Its workers run at the command's own priority. Ray's default (``worker_niceness`` 15)
+    makes them yield to every other process, which suits a dedicated cluster node; here the
+    command's work is in the workers, and beside two busy processes a 200-row scoring job
+    took 14.7 s at the command's priority and had not finished after 200 s at nice 15.
     """
     if ray.is_initialized():
         return
@@ -43,7 +48,7 @@ def connect(
         # A training job starts a worker process per worker, Ray Data's and Train's actors
         # and the progress relay at once, a sweep that for each trial running; Ray warns
         # past 4x this many (default: cores).
-        startup = {"worker_maximum_startup_concurrency": max(8, cpus)}
+        startup = {"worker_maximum_startup_concurrency": max(8, cpus), "worker_niceness": 0}
         ray.init(
             num_cpus=cpus,
             include_dashboard=dashboard,

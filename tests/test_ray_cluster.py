@@ -1,4 +1,5 @@
-"""A local Ray leaves none of its processes behind, even one stuck in its own exit."""
+"""A local Ray leaves none of its processes behind, even one stuck in its own exit, and
+runs its workers at the priority of the command that started it."""
 
 from __future__ import annotations
 
@@ -33,24 +34,33 @@ def test_no_raylet_is_counted_before_ray_starts():
 
 # A command's process: a local Ray with an actor, then the end of the process.
 COMMAND = """
+import os
 import ray
 from spam_gpt.ray_cluster import connect, raylet_pids, workers_of
 
 connect(num_cpus=1)
-actor = ray.remote(num_cpus=0)(type("Idle", (), {"pid": lambda self: __import__("os").getpid()}))
+actor = ray.remote(num_cpus=0)(type("Idle", (), {"nice": lambda self: os.nice(0)}))
 handle = actor.remote()
-ray.get(handle.pid.remote())
+worker_nice = ray.get(handle.nice.remote())
 (raylet,) = raylet_pids()
-print(raylet, len(workers_of({raylet})), flush=True)
+print(raylet, len(workers_of({raylet})), os.nice(0), worker_nice, flush=True)
 """
 
 
 def test_a_command_that_started_ray_leaves_none_of_its_processes():
+    """Run at nice 5: Ray's default would put its workers at 5 + 15."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
-        [sys.executable, "-c", COMMAND], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", COMMAND],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.nice(5),
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    raylet, workers = map(int, done.stdout.split()[-2:])
+    raylet, workers, command_nice, worker_nice = map(int, done.stdout.split()[-4:])
     assert workers >= 1  # the actor's process, at least, was counted while Ray ran
     assert workers_of({raylet}) == []
+    assert command_nice >= 5
+    assert worker_nice == command_nice  # the command's priority, not Ray's nice 15
