@@ -47,7 +47,7 @@ print(raylet, len(workers_of({raylet})), os.nice(0), worker_nice, flush=True)
 """
 
 
-def test_a_command_that_started_ray_leaves_none_of_its_processes():
+def test_a_command_that_started_ray_runs_its_workers_at_its_priority_and_leaves_none():
     """Run at nice 5: Ray's default would put its workers at 5 + 15."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
