@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-column", help="column with the messages (default: 'text', or 'Text')"
     )
     score.add_argument("--batch-size", type=int, default=512, help="rows per batch (512)")
-    score.add_argument("--concurrency", type=int, default=1, help="model actors (default 1)")
+    score.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="model actors (default 1); on CPUs one per core with --cpus-per-actor 1 is fastest",
+    )
     score.add_argument(
         "--cpus-per-actor",
         type=int,
