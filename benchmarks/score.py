@@ -213,16 +213,18 @@ def onnx_runtime_runs(
     return {p: onnx_runtime_batched(path, texts, threads=threads) for p, path in exported.items()}
 
 
-def scoring_job(checkpoint: Path, parquet: Path, out: Path, precision: str, actors: int) -> float:
-    """Rows per second of ``actors`` actors sharing the cores; prints the peak private
-    memory of the driver and of the largest actor."""
+def scoring_job(
+    checkpoint: Path, parquet: Path, out: Path, precision: str, actors: int, threads: int
+) -> float:
+    """Rows per second of ``actors`` actors of ``threads`` threads each; prints the peak
+    private memory of the driver and of the largest actor."""
     driver, actor = PeakMemory(1.0), PeakMemory(1.0, scorer_pids)
     summary = run_scoring(
         str(checkpoint),
         [str(parquet)],
         str(out),
         concurrency=actors,
-        cpus_per_actor=max(1, THREADS // actors),
+        cpus_per_actor=threads,
         precision=precision,
         overwrite=True,
     )
@@ -253,6 +255,7 @@ def main() -> None:
         "with every core)",
     )
     args = parser.parse_args()
+    threads_per_actor = max(1, THREADS // args.actors)
     torch.set_num_threads(THREADS)
     job_rows = args.job_rows or [args.rows] * len(args.models)
     samples = args.sample or [2000] * len(args.models)
@@ -261,7 +264,7 @@ def main() -> None:
     print(
         f"{platform.processor() or platform.machine()}, {THREADS} CPUs, torch {torch.__version__}, "
         f"{args.rows:,} rows in {work / 'messages.parquet'}; the job: {args.actors} actor(s) of "
-        f"{max(1, THREADS // args.actors)} thread(s)"
+        f"{threads_per_actor} thread(s)"
     )
     if importlib.util.find_spec("onnxruntime") is None:
         print("(d), (e): ONNX Runtime is not installed (pip install -e '.[bench]')")
@@ -278,7 +281,9 @@ def main() -> None:
             parquet = work / f"messages-{rows}.parquet"
             pq.write_table(pq.read_table(work / "messages.parquet").slice(0, rows), parquet)
         job = {
-            p: scoring_job(checkpoint, parquet, work / f"out-{name}-{p}", p, args.actors)
+            p: scoring_job(
+                checkpoint, parquet, work / f"out-{name}-{p}", p, args.actors, threads_per_actor
+            )
             for p in args.precisions
         }
         loop = chapter_loop(checkpoint, texts[:sample])
