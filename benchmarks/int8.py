@@ -3,7 +3,7 @@
     python benchmarks/int8.py [--models gpt2-small] [--messages 256] [--threads 2]
 
 For each model (random weights) it times ``Predictor.predict`` on random corpus messages in
-fp32, in spam-gpt's int8 (``torch.ao`` dynamic quantisation of the blocks' Linear layers)
+fp32, in spam-gpt's int8 (the blocks' Linear layers; see ``spam_gpt.precision``)
 and, when torchao is installed, in torchao's ``Int8DynamicActivationInt8WeightConfig`` on
 the same layers; with onnxruntime installed (``pip install -e '.[bench]'``), ONNX Runtime
 fp32 and its dynamic int8 on transformers' model with the same weights, timed with
@@ -71,9 +71,7 @@ def main() -> None:
         checkpoint = random_checkpoint(name, work)
         predictors = {
             "fp32": Predictor.from_checkpoint(str(checkpoint)),
-            "int8 (torch.ao, spam-gpt)": Predictor.from_checkpoint(
-                str(checkpoint), precision="int8"
-            ),
+            "int8 (spam-gpt)": Predictor.from_checkpoint(str(checkpoint), precision="int8"),
             "int8 (torchao)": torchao_predictor(checkpoint),
         }
         results = {label: timed(p, sample) for label, p in predictors.items() if p is not None}

@@ -4,8 +4,8 @@ inference.
 bf16 matrix units (AMX, AVX512-BF16 on CPUs; every recent GPU) run bf16 several times
 faster than fp32. Training keeps fp32 weights and autocasts the forward pass; inference
 simply holds bf16 weights. On a CPU without those units bf16 is slower, so fp32 stays
-the CPU default. int8 is for CPUs: the transformer's Linear layers dynamically quantised
-(int8 weights, activations quantised per pass).
+the CPU default. int8 is for CPUs: the transformer's Linear layers with int8 weights, their
+activations rounded to int8 as each pass runs.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+from .model import TransformerBlock
 
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on GPUs, fp32 on CPUs
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 INFERENCE_PRECISIONS = tuple(WEIGHT_DTYPES)
+TINY = 1e-12  # the smallest scale an int8 layer divides by: a row of zeros stays zeros
 # What torch.ao's dynamic quantisation warns of as it quantises the weights.
 DEPRECATED_QUANTIZATION = r"torch\.(ao\.quantization is|quantize_per_tensor, )"
 
@@ -44,70 +45,97 @@ def adds_int8_into_32_bits() -> bool:
     return any(flag in cpuinfo.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-@contextlib.contextmanager
-def quantized_engine(name: str) -> Iterator[None]:
-    """torch's quantised engine set to ``name`` (when this build has it) while weights are
-    packed: the packed weights keep that engine's kernels after the setting is restored."""
-    before = torch.backends.quantized.engine
-    if name in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = before
+class PerTokenInt8Linear(nn.Module):
+    """A Linear layer in int8 for CPUs with VNNI: weights rounded per output channel, and
+    each token's activations rounded on their own scale, multiplied by torch's int8 matrix
+    product (``torch._int_mm``, the kernel torchao's CPU int8 path calls).
 
+    torch.ao's dynamic Linear rounds all activations of a pass on one scale, set by the
+    largest of them (about 1.45 times a typical token's largest here), so most tokens get
+    coarser steps than they need; per token, gpt2-small with random weights keeps fp32's
+    label on 99.21 % of the corpus instead of 98.87 %, largest change 0.022 instead of 0.030,
+    at 6-9 % less speed (benchmarks/RESULTS.md).
 
-class FullRangeDynamicLinear(DynamicLinear):
-    """torch.ao's dynamic int8 Linear with its activations quantised to all 8 bits.
+    ``centred``: a layer fed by a GELU sees values from -0.17 up, so rounding around the
+    middle of each token's range, not around zero, spends all 255 steps on it; the offset
+    comes back exactly as the centre times each output's weight sum.
+    """
 
-    torch.ao asks for 7-bit activations (``reduce_range``) because fbgemm's AVX2 kernels
-    add pairs of u8 x s8 products in 16 bits, which 8-bit activations can saturate. VNNI
-    adds into 32 bits, so there the full range is safe and halves the activations'
-    rounding: gpt2-small with random weights, labels equal to fp32's on 95.7 -> 98.3 % of
-    600 messages, largest probability change 0.048 -> 0.030, at the same speed."""
+    def __init__(self, linear: nn.Linear, centred: bool = False):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp_min(TINY) / 127
+        rounded = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_t", rounded.t().contiguous())  # _int_mm's [in, out]
+        self.register_buffer("weight_scale", scale)
+        bias = linear.bias if linear.bias is not None else torch.zeros(len(weight))
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.centred = centred
+        # What the int8 product leaves out of a centred input, with the weights as rounded.
+        sums = rounded.float().sum(dim=1) * scale if centred else None
+        self.register_buffer("weight_sums", sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_params._packed_params
-        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        high, low = rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True)
+        if self.centred:
+            centre = (high + low) / 2
+            step = ((high - low) / 254).clamp_min_(TINY)
+            rows = rows - centre
+        else:
+            step = torch.maximum(high, low.neg_()).div_(127).clamp_min_(TINY)
+        rounded = torch.div(rows, step).round_().to(torch.int8)
+        out = torch._int_mm(rounded, self.weight_t).to(torch.float32)
+        out.mul_(step).mul_(self.weight_scale).add_(self.bias)
+        if self.centred:
+            out.addr_(centre.squeeze(1), self.weight_sums)
+        return out.reshape(*x.shape[:-1], -1)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """``model`` with the Linear layers of its transformer blocks dynamically quantised to
-    int8, weights per output channel; the classification head stays fp32. Activations use
-    all 8 bits on CPUs with VNNI, 7 elsewhere (see :class:`FullRangeDynamicLinear`).
+    """``model`` with the Linear layers of its transformer blocks in int8 (replaced in
+    place), weights per output channel; the classification head stays fp32.
 
-    Where the CPU has VNNI the weights are packed for oneDNN's kernels rather than the
-    default x86 engine's (fbgemm's), with the same quantisation: a gpt2-small forward pass
-    (64 messages of 40 tokens) takes 8 % less time; the whole corpus, random gpt2-small,
-    139-145 against 124-130 messages/s, labels as fp32 on 98.74 % against 98.78 %.
+    Where the CPU has VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8), whose int8 dot products add
+    straight into 32 bits, each layer becomes a :class:`PerTokenInt8Linear`. Elsewhere it is
+    PyTorch's own dynamic quantisation (``torch.ao.quantization``, deprecated in favour of
+    torchao), whose 7-bit activations (``reduce_range``) keep fbgemm's AVX2 kernels from
+    saturating their 16-bit sums; its deprecation warnings are silenced here only. torchao
+    itself ran 70 messages/s against torch.ao's 124 on gpt2-small (two threads, 128
+    corpus messages) and is not a dependency; see benchmarks/RESULTS.md.
 
     GELU takes its erf form, whose kernel runs 4.6x the tanh form's here: the two differ
     by at most 5e-4, far below the 8-bit rounding of the next layer's input. gpt2-small
     (random weights) on the whole corpus: labels as fp32 on 98.80 % (tanh) and 98.78 %
     (erf), 6 % faster.
-
-    PyTorch's own dynamic quantisation (``torch.ao.quantization``), which is deprecated in
-    favour of torchao: measured here on gpt2-small (two threads, 128 corpus messages) it
-    ran 124 messages/s against torchao 0.18's 70 and fp32's 40, and torchao is not a
-    dependency; see benchmarks/RESULTS.md. Its deprecation warnings are silenced here only.
     """
+    if adds_int8_into_32_bits():
+        for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+            for name, module in list(block.named_modules()):
+                if isinstance(module, nn.Linear):
+                    parent, _, attribute = name.rpartition(".")
+                    int8 = PerTokenInt8Linear(module, centred=module is block.ff.layers[2])
+                    setattr(block.get_submodule(parent), attribute, int8)
+    else:
+        model = torch_ao_int8(model)
+    for module in model.modules():
+        if isinstance(module, nn.GELU):
+            module.approximate = "none"
+    return model
+
+
+def torch_ao_int8(model: nn.Module) -> nn.Module:
+    """``model`` with its blocks' Linear layers in torch.ao's dynamic int8, per channel."""
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    blocks = {
+    layers = {
         name: per_channel_dynamic_qconfig
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and ".trf_blocks." in f".{name}"
     }
-    vnni = adds_int8_into_32_bits()
-    engine = quantized_engine("onednn") if vnni else contextlib.nullcontext()
-    with warnings.catch_warnings(), engine:
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=DEPRECATED_QUANTIZATION)
-        mapping = {nn.Linear: FullRangeDynamicLinear if vnni else DynamicLinear}
-        quantized = torch.ao.quantization.quantize_dynamic(model, blocks, torch.qint8, mapping)
-    for module in quantized.modules():
-        if isinstance(module, nn.GELU):
-            module.approximate = "none"
-    return quantized
+        return torch.ao.quantization.quantize_dynamic(model, layers, torch.qint8, inplace=True)
 
 
 def autocast_for(
