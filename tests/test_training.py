@@ -243,6 +243,27 @@ def test_int8_agrees_with_fp32_on_the_whole_corpus_without_a_warning(tiny_run):
     assert gaps[int(0.99 * len(gaps))] < 0.02 and gaps[-1] < 0.05  # measured: 0.001, 0.006
 
 
+def test_int8_without_vnni_is_torch_aos_dynamic_quantisation(tiny_run):
+    """The path for CPUs without VNNI, which this machine would not otherwise take."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as TorchAOLinear
+
+    from spam_gpt.precision import torch_ao_int8
+
+    texts = SPLITS["test"]["Text"].tolist()
+    exact = Predictor.from_checkpoint(tiny_run / "model")
+    quantized = Predictor.from_checkpoint(tiny_run / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its deprecation notices stay inside
+        quantized.classifier = torch_ao_int8(quantized.classifier)
+    blocks = quantized.classifier.gpt.trf_blocks
+    assert isinstance(blocks[0].ff.layers[2], TorchAOLinear)
+    assert type(quantized.classifier.gpt.out_head) is torch.nn.Linear
+    same = [a.label == b.label for a, b in zip(exact.predict(texts), quantized.predict(texts))]
+    assert sum(same) / len(texts) >= 0.99
+
+
 def relative_error(layer: torch.nn.Module, exact: torch.nn.Linear, x: torch.Tensor) -> float:
     with torch.inference_mode():
         want = exact(x)
