@@ -375,7 +375,11 @@ def run_scoring(
                 "batch_size": batch_size,
             },
             batch_size=1,
-            compute=ActorPoolStrategy(size=min(concurrency, len(todo))),
+            # One unit per actor at a time: a unit queued behind a busy actor would keep
+            # it while an idle one waits (Ray Data's default queues two).
+            compute=ActorPoolStrategy(
+                size=min(concurrency, len(todo)), max_tasks_in_flight_per_actor=1
+            ),
             num_cpus=cpus_per_actor,
             num_gpus=1 if gpu else 0,
         )
