@@ -23,6 +23,7 @@ from spam_gpt.tokenizer import PAD_TOKEN_ID
 # tokens on the chapter's data), which rows of 128 would leave 22 % empty and one row of
 # up to 512 leaves full.
 ROW_TOKENS = 128
+INT8_ROW_TOKENS = 64  # GPT-2-sized models in int8, where attention's share grows (predictor)
 BATCH_ROW_TOKENS = 512
 
 

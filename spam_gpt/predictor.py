@@ -16,7 +16,7 @@ import torch
 
 from spam_gpt.checkpoint import ClassifierMeta, load_classifier
 from spam_gpt.classifier import SPAM_LABEL, SpamClassifier, is_spam_model
-from spam_gpt.packing import ROW_TOKENS, packed_batches
+from spam_gpt.packing import INT8_ROW_TOKENS, ROW_TOKENS, packed_batches
 from spam_gpt.precision import (
     WEIGHT_DTYPES,
     autocast_for,
@@ -46,6 +46,20 @@ def default_max_tokens(emb_dim: int) -> int:
     return 1024 * (768 // min(emb_dim, 768)) ** 2
 
 
+def packing_for(emb_dim: int, precision: str, max_length: int) -> tuple[int, int]:
+    """Tokens per packed row and per forward pass.
+
+    GPT-2-sized models in int8 take rows of 64 and passes of 512 tokens: their products
+    run about 3x faster than fp32's, so attention (fp32, each token across its whole
+    row) and the fp32 values between the products (the GELU's 4 x emb_dim per token, out
+    of cache in large passes) take a larger share. Two single-thread processes, as a
+    scoring job runs, scored 5-15 % more messages/s of gpt2-small so (benchmarks/RESULTS.md).
+    Smaller models are bound by per-pass overhead and keep the fp32 layout."""
+    if precision == "int8" and emb_dim >= 768:
+        return INT8_ROW_TOKENS, default_max_tokens(emb_dim) // 2
+    return max(ROW_TOKENS, max_length), default_max_tokens(emb_dim)
+
+
 class Predictor:
     def __init__(
         self,
@@ -67,11 +81,12 @@ class Predictor:
         if precision == "int8":
             self.classifier = quantize_int8(self.classifier)
         self.meta = meta
-        self.max_tokens = max_tokens or default_max_tokens(classifier.gpt.cfg.emb_dim)
         context = classifier.gpt.cfg.context_length
         self.max_length = min(meta.max_length, context)
         self.pad_to = meta.max_length if meta.token == "last" else None
-        self.row_tokens = max(ROW_TOKENS, self.pad_to or self.max_length)
+        row, tokens = packing_for(classifier.gpt.cfg.emb_dim, precision, self.max_length)
+        self.max_tokens = max_tokens or tokens
+        self.row_tokens = max(row, self.pad_to or 0)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> Predictor:

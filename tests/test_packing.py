@@ -14,6 +14,7 @@ from spam_gpt.config import resolve_config
 from spam_gpt.dataset import SpamDataset, create_loader, make_batch
 from spam_gpt.model import GPTConfig, GPTModel, init_gpt2_weights
 from spam_gpt.packing import pack_rows, packed_batch, packed_batches
+from spam_gpt.precision import adds_int8_into_32_bits
 from spam_gpt.predictor import Predictor
 from spam_gpt.training import calc_loss_batch, calc_loss_loader, confusion_matrix_loader
 
@@ -84,6 +85,28 @@ def test_predictions_do_not_depend_on_the_company_a_message_keeps():
     alone = [predictor.class_probabilities(predictor.tokenize([text]))[0][1] for text in texts]
     assert together == pytest.approx(alone, abs=1e-6)
     assert len({round(p, 4) for p in together}) == 4  # the messages really differ
+
+
+def test_int8_rows_of_64_hold_long_messages_alone_and_change_no_prediction():
+    """GPT-2-sized models in int8 pack rows of 64 tokens (packing_for); a message longer
+    than that gets a row of its own and the pass is as wide as it, and each token's
+    activations are rounded on their own scale, so packing changes nothing."""
+    config = GPTConfig(context_length=128, emb_dim=768, n_heads=12, n_layers=1)
+    torch.manual_seed(0)
+    gpt = GPTModel(config)
+    init_gpt2_weights(gpt)
+    meta = ClassifierMeta(config.to_dict(), "last_real", "batch", max_length=120)
+    predictor = Predictor(SpamClassifier(gpt).eval(), meta, precision="int8")
+    assert (predictor.row_tokens, predictor.max_tokens) == (64, 512)
+    texts = ["Free entry to win a prize " * 20, "see you at 6?", "ok", "Call now " * 20] * 4
+    ids = predictor.tokenize(texts)
+    assert max(map(len, ids)) > 64 > min(map(len, ids))
+    together = [row[1] for row in predictor.class_probabilities(ids)]
+    alone = [predictor.class_probabilities([one])[0][1] for one in ids]
+    # torch.ao, where the CPU lacks VNNI, rounds a whole pass on one scale.
+    tolerance = 1e-5 if adds_int8_into_32_bits() else 0.05
+    assert together == pytest.approx(alone, abs=tolerance)
+    assert len({round(p, 4) for p in together}) == 4
 
 
 @pytest.mark.parametrize("token", ["last_real", "first"])
