@@ -53,8 +53,8 @@ class PerTokenInt8Linear(nn.Module):
     torch.ao's dynamic Linear rounds all activations of a pass on one scale, set by the
     largest of them (about 1.45 times a typical token's largest here), so most tokens get
     coarser steps than they need; per token, gpt2-small with random weights keeps fp32's
-    label on 99.21 % of the corpus instead of 98.87 %, largest change 0.022 instead of 0.030,
-    at 6-9 % less speed (benchmarks/RESULTS.md).
+    label on 99.16 % of the corpus instead of 98.87 %, largest change 0.019 instead of 0.030,
+    at 6-9 % less speed in process (benchmarks/RESULTS.md).
 
     ``centred``: a layer fed by a GELU sees values from -0.17 up, so rounding around the
     middle of each token's range, not around zero, spends all 255 steps on it; the offset
