@@ -23,7 +23,7 @@ from .model import TransformerBlock
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on GPUs, fp32 on CPUs
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 INFERENCE_PRECISIONS = tuple(WEIGHT_DTYPES)
-TINY = 1e-12  # the smallest scale an int8 layer divides by: a row of zeros stays zeros
+TINY = 1e-12  # the smallest step an int8 layer rounds on: a row of zeros stays zeros
 # What torch.ao's dynamic quantisation warns of as it quantises the weights.
 DEPRECATED_QUANTIZATION = r"torch\.(ao\.quantization is|quantize_per_tensor, )"
 
