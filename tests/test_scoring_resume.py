@@ -15,8 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spam_gpt.corpus import build_splits
+from spam_gpt.scoring_units import unit_size
 
-FILES, ROWS_PER_FILE = 8, 1000  # one unit per file (units are 1,000 rows at least)
+FILES, ROWS_PER_FILE = 8, 1000
+UNIT = unit_size(FILES * ROWS_PER_FILE)  # rows per part: 250, four parts per file
+PARTS = FILES * ROWS_PER_FILE // UNIT
 
 
 def write_archive(folder: Path) -> int:
@@ -67,7 +70,7 @@ def test_a_killed_job_resumes_without_redoing_finished_parts(tiny_run, tmp_path)
     )
     try:
         deadline = time.monotonic() + 240
-        while len(list(partial.glob("part-*.parquet"))) < FILES // 2 - 1:
+        while len(list(partial.glob("part-*.parquet"))) < PARTS // 2 - 1:
             assert job.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "the job wrote no parts"
             time.sleep(0.05)
@@ -77,11 +80,11 @@ def test_a_killed_job_resumes_without_redoing_finished_parts(tiny_run, tmp_path)
     time.sleep(1)
     assert processes_in_group(job.pid) == []
     kept = {p.name: p.stat() for p in partial.glob("part-*.parquet")}
-    assert FILES // 2 - 1 <= len(kept) < FILES and not output.exists()
+    assert PARTS // 2 - 1 <= len(kept) < PARTS and not output.exists()
 
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
-    assert f"of {FILES} parts scored); add --resume to finish it" in refused.stderr
+    assert f"of {PARTS} parts scored); add --resume to finish it" in refused.stderr
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -90,8 +93,8 @@ def test_a_killed_job_resumes_without_redoing_finished_parts(tiny_run, tmp_path)
     for name, before in kept.items():  # the finished parts were not scored again
         after = (output / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
-    assert f"Resuming: {len(kept)} of {FILES} parts are scored" in resumed.stdout
-    earlier = len(kept) * ROWS_PER_FILE
+    assert f"Resuming: {len(kept)} of {PARTS} parts are scored" in resumed.stdout
+    earlier = len(kept) * UNIT
     assert re.search(rf"Read {rows:,} rows, {earlier:,} of them before resuming", resumed.stdout)
     assert not [p for p in output.iterdir() if p.name.endswith(".writing")]
     assert (output / "_SUCCESS").is_file()
