@@ -53,7 +53,8 @@ def packing_for(emb_dim: int, precision: str, max_length: int) -> tuple[int, int
     run about 3x faster than fp32's, so attention (fp32, each token across its whole
     row) and the fp32 values between the products (the GELU's 4 x emb_dim per token, out
     of cache in large passes) take a larger share. Two single-thread processes, as a
-    scoring job runs, scored 5-15 % more messages/s of gpt2-small so (benchmarks/RESULTS.md).
+    scoring job runs, scored 9-22 % more messages/s of gpt2-small so (summed over both, in
+    rounds alternating with the old layout; benchmarks/RESULTS.md).
     Smaller models are bound by per-pass overhead and keep the fp32 layout."""
     if precision == "int8" and emb_dim >= 768:
         return INT8_ROW_TOKENS, default_max_tokens(emb_dim) // 2
