@@ -58,23 +58,24 @@ class SpamClassifier(nn.Module):
             return self.padded_logits(input_ids, lengths)
 
     def padded_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.gpt.features(input_ids)
+        batch, tokens = input_ids.shape
+        rows = torch.arange(batch, device=input_ids.device)
         if self.token == "last":
-            picked = hidden[:, -1, :]
+            columns = torch.full_like(rows, tokens - 1)
         elif self.token == "first":
-            picked = hidden[:, 0, :]
+            columns = torch.zeros_like(rows)
         else:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            picked = hidden[rows, lengths.to(hidden.device) - 1, :]
-        return self.gpt.out_head(picked)
+            columns = lengths.to(input_ids.device) - 1
+        return self.gpt.out_head(self.gpt.features(input_ids, read=(rows, columns)))
 
     def packed_logits(self, batch: PackedBatch) -> torch.Tensor:
         """Logits per packed message (see :mod:`spam_gpt.packing`): ``first`` reads a
         message's first column, ``last`` and ``last_real`` its last (a ``last`` model's
         messages arrive padded to its training length, so that is the chapter's position)."""
-        hidden = self.gpt.features(batch.input_ids, batch.positions, batch.attn_mask)
         columns = batch.starts if self.token == "first" else batch.ends
-        return self.gpt.out_head(hidden[batch.rows, columns])
+        read = (batch.rows, columns)
+        hidden = self.gpt.features(batch.input_ids, batch.positions, batch.attn_mask, read)
+        return self.gpt.out_head(hidden)
 
 
 def set_trainable_layers(classifier: SpamClassifier, trainable: str) -> None:

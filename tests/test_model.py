@@ -17,6 +17,7 @@ from spam_gpt.model import (
     init_gpt2_weights,
     model_config,
 )
+from spam_gpt.packing import pack_sequences
 
 
 def count(model: torch.nn.Module, trainable: bool = False) -> int:
@@ -113,11 +114,37 @@ def test_token_choices_read_the_intended_position():
         classifier.token = "last"
         assert not torch.allclose(classifier(padded, torch.tensor([3])), unpadded, atol=1e-4)
         expected_last = classifier.gpt.out_head(classifier.gpt.features(padded)[:, -1])
-        assert torch.equal(classifier(padded, torch.tensor([3])), expected_last)
+        torch.testing.assert_close(classifier(padded, torch.tensor([3])), expected_last)
         classifier.token = "first"
         assert torch.allclose(
             classifier(padded, torch.tensor([3])), classifier(message[:, :1], torch.tensor([1]))
         )
+
+
+def test_reading_some_positions_gives_the_full_pass_at_them():
+    """In evaluation the last block computes only the positions read (several per row,
+    in any order, packed rows included) and gives the same states as the full pass."""
+    config = dataclasses.replace(MODEL_CONFIGS["tiny"], n_layers=2)
+    torch.manual_seed(0)
+    gpt = GPTModel(config)
+    init_gpt2_weights(gpt)
+    gpt.eval()
+    batch = pack_sequences([list(range(100 + n, 100 + 2 * n)) for n in (5, 9, 1, 30, 12, 2)])[0]
+    ids = torch.randint(0, 50000, (4, 20))
+    rows, columns = torch.tensor([3, 0, 3, 1, 0, 2]), torch.tensor([5, 19, 2, 0, 4, 19])
+    with torch.no_grad():
+        full = gpt.features(batch.input_ids, batch.positions, batch.attn_mask)
+        read = (batch.rows, batch.ends)
+        assert batch.attn_mask is not None and len(set(batch.rows.tolist())) < len(batch.rows)
+        torch.testing.assert_close(
+            gpt.features(batch.input_ids, batch.positions, batch.attn_mask, read), full[read]
+        )
+        torch.testing.assert_close(
+            gpt.features(ids, read=(rows, columns)), gpt.features(ids)[rows, columns]
+        )
+    gpt.trf_blocks[-1].forward_at = None  # training never takes the shortcut
+    gpt.train()
+    assert gpt.features(ids, read=(rows, columns)).shape == (6, config.emb_dim)
 
 
 @pytest.mark.parametrize(
