@@ -186,14 +186,13 @@ class GPTModel(nn.Module):
         if positions is None:
             positions = torch.arange(in_idx.shape[1], device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
-        if read is None or self.training or not len(self.trf_blocks):
-            for block in self.trf_blocks:
-                x = block(x, attn_mask)
-            x = x if read is None else x[read]
-        else:
-            for block in self.trf_blocks[:-1]:
-                x = block(x, attn_mask)
+        last_at_read = read is not None and not self.training and len(self.trf_blocks) > 0
+        for block in self.trf_blocks[:-1] if last_at_read else self.trf_blocks:
+            x = block(x, attn_mask)
+        if last_at_read:
             x = self.trf_blocks[-1].forward_at(x, read, attn_mask)
+        elif read is not None:
+            x = x[read]
         return self.final_norm(x)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
