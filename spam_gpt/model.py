@@ -67,16 +67,17 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
 
+    def heads(self, values: torch.Tensor) -> torch.Tensor:
+        """[rows, tokens, emb_dim] as [rows, heads, tokens, head_dim]."""
+        rows, tokens, _ = values.shape
+        return values.view(rows, tokens, self.n_heads, -1).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
-
-        def heads(projection: nn.Linear) -> torch.Tensor:
-            return projection(x).view(batch, tokens, self.n_heads, -1).transpose(1, 2)
-
         context = F.scaled_dot_product_attention(
-            heads(self.W_query),
-            heads(self.W_key),
-            heads(self.W_value),
+            self.heads(self.W_query(x)),
+            self.heads(self.W_key(x)),
+            self.heads(self.W_value(x)),
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None,
@@ -100,12 +101,11 @@ class MultiHeadAttention(nn.Module):
             allowed = torch.arange(tokens, device=x.device) <= asked[:, :, None]
         else:
             allowed = attn_mask[:, 0].gather(1, asked[:, :, None].expand(-1, -1, tokens))
-
-        def heads(values: torch.Tensor) -> torch.Tensor:
-            return values.view(batch, values.shape[1], self.n_heads, -1).transpose(1, 2)
-
         context = F.scaled_dot_product_attention(
-            heads(query), heads(self.W_key(x)), heads(self.W_value(x)), attn_mask=allowed[:, None]
+            self.heads(query),
+            self.heads(self.W_key(x)),
+            self.heads(self.W_value(x)),
+            attn_mask=allowed[:, None],
         )
         return self.out_proj(context.transpose(1, 2)[rows, slot].reshape(len(rows), dim))
 
