@@ -605,6 +605,11 @@ def print_summary(metrics: dict) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     from spam_gpt.model_ref import load_predictor
 
+    blank = [str(number) for number, text in enumerate(args.texts, 1) if not text.strip()]
+    if blank:  # as `score` flags such a row and `serve` refuses it
+        raise ValueError(
+            f"TEXT {', '.join(blank)} of {len(args.texts)} is blank; give each message some text"
+        )
     predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
     for text, prediction in zip(args.texts, predictor.predict(args.texts)):
         if args.json:

@@ -216,12 +216,12 @@ def train_classifier_simple(
     workers. ``keep_best`` measures each epoch's validation accuracy on its whole
     validation set and ends with the best epoch's weights; ``patience`` stops after that
     many epochs without a better one. ``verbose`` prints the chapter's lines; ``progress``
-    adds a bar (off on Ray workers, whose output is not a terminal).
+    adds a bar where stderr is a terminal (not on Ray workers, nor into a log file).
     """
     history = history or TrainingHistory()
     train_probe = train_loader if train_probe is None else train_probe
     world_size = round(reduce(torch.ones(1, dtype=torch.float64)).item())
-    show_bar = verbose and progress
+    show_bar = verbose and progress and sys.stderr.isatty()
 
     def log(line: str) -> None:
         if show_bar:

@@ -209,6 +209,14 @@ def test_classify_labels_the_chapters_examples(tiny_run, capsys):
     assert record["spam_probability"] == record["probabilities"]["spam"]
 
 
+def test_classify_refuses_a_blank_message(tiny_run, capsys):
+    model = str(tiny_run / "model")
+    assert main(["classify", "--model", model, CHAPTER_HAM, " \t", ""]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "TEXT 2, 3 of 3 is blank" in captured.err
+
+
 def test_bf16_precision_agrees_with_fp32(tiny_run):
     texts = SPLITS["test"]["Text"].tolist()
     exact = Predictor.from_checkpoint(tiny_run / "model").predict(texts)
