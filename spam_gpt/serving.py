@@ -11,6 +11,7 @@ classes, not strings, through Serve's ingress wrapper.
 """
 
 import asyncio
+import email.message
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spam_gpt.api_keys import KEYS_VARIABLE, KeyCheck, read_api_keys
 from spam_gpt.api_models import (
@@ -45,6 +47,10 @@ def describe_errors(error: RequestValidationError) -> str:
     """One readable line: where each problem is and what it is."""
     parts = []
     for item in error.errors():
+        if item.get("type") == "json_invalid":  # its location is a character offset
+            why = item.get("ctx", {}).get("error", "invalid")
+            parts.append(f"the body is not valid JSON: {why} at character {item['loc'][-1]}")
+            continue
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {item.get('msg', 'invalid')}")
     return "; ".join(parts)
@@ -91,6 +97,7 @@ api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 REFUSALS = {
     401: {"model": ErrorResponse, "description": "no API key, or a wrong one"},
     413: {"model": ErrorResponse, "description": f"body over {MAX_BODY_BYTES:,} bytes"},
+    415: {"model": ErrorResponse, "description": "a body not sent as application/json"},
     422: {"model": ErrorResponse, "description": "the body is not a valid request"},
 }
 
@@ -111,12 +118,57 @@ def json_safe(value):
     return value
 
 
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body of this type as JSON: application/json or
+    application/*+json (with no type, it does not: its strict content type)."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
 @api.exception_handler(RequestValidationError)
-async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    content_type = request.headers.get("content-type")
+    if not is_json(content_type):  # `curl -d` sends a form's type: the body went unread
+        sent = repr(content_type) if content_type else "none"
+        return JSONResponse(
+            status_code=415,
+            content={
+                "error": "send the body as JSON with the header Content-Type: "
+                f"application/json (this request's Content-Type: {sent})"
+            },
+        )
     detail = json.loads(json.dumps(error.errors(), default=str))
     return JSONResponse(
         status_code=422,
         content=json_safe({"error": describe_errors(error), "detail": detail}),
+    )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's refusals (unknown path, method, unreadable body) in the
+    shape of every other error: ``error`` says what to do."""
+    where = f"{request.method} {request.url.path}"
+    reasons = {
+        400: "the body is not readable JSON (it must be UTF-8, uncompressed, and nested "
+        "less deeply); see /docs for the requests this endpoint takes",
+        404: f"nothing answers {where}; see /docs for the paths this endpoint serves",
+        405: f"{where} is not allowed; {request.url.path} takes "
+        f"{(error.headers or {}).get('Allow', 'other methods')} (see /docs)",
+    }
+    return JSONResponse(
+        status_code=error.status_code,
+        content={
+            "error": reasons.get(error.status_code, str(error.detail)),
+            "detail": error.detail,
+        },
+        headers=error.headers,
     )
 
 
@@ -205,7 +257,7 @@ class SpamClassifierService:
         # Off the event loop: a large batch must not hold up single requests or health checks.
         return BatchResponse(predictions=await asyncio.to_thread(self.responses, request.texts))
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict:
         """200 once the model is loaded (the replica answers only after loading it); open
         to load balancers even when the endpoint needs API keys."""

@@ -229,7 +229,7 @@ def test_the_largest_body_the_schema_allows_is_answered(service):
 
 
 BAD_REQUESTS = {
-    "malformed JSON": (b'{"text": "hi"', 422, "JSON"),
+    "malformed JSON": (b'{"text": "hi"', 422, "not valid JSON: Expecting ',' delimiter at"),
     "wrong type": (b'{"text": 5}', 422, "text: Input should be a valid string"),
     "missing field": (b"{}", 422, "text: Field required"),
     "unknown field": (b'{"text": "hi", "txt": "x"}', 422, "txt: Extra inputs are not permitted"),
@@ -237,8 +237,8 @@ BAD_REQUESTS = {
     "empty text": (b'{"text": ""}', 422, "text is empty"),
     "blank text": (b'{"text": "   \\n "}', 422, "text is empty"),
     "not an object": (b'["hi"]', 422, "valid dictionary"),
-    "invalid UTF-8": (b'{"text": "\xff\xfe bad"}', 400, ""),
-    "absurd nesting": (b"[" * 200_000 + b"]" * 200_000, 400, ""),
+    "invalid UTF-8": (b'{"text": "\xff\xfe bad"}', 400, "not readable JSON"),
+    "absurd nesting": (b"[" * 200_000 + b"]" * 200_000, 400, "not readable JSON"),
     # JSON that Python's reader takes but a JSON answer cannot echo back as it came
     "lone surrogate": (b'{"text": "hi \\ud800 there"}', 422, "text: Input should be a valid"),
     "lone surrogate in a field name": (b'{"text": "hi", "\\udc00": 1}', 422, "a valid string"),
@@ -275,9 +275,31 @@ def test_bad_batch_requests(service, payload, message):
     assert status == 422 and message in answer["error"]
 
 
-def test_wrong_method_and_path_are_4xx(service):
-    assert call(service, "/classify")[0] == 405
-    assert call(service, "/nowhere")[0] == 404
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [("application/x-www-form-urlencoded", 415), ("text/plain", 415), ("application/ld+json", 200)],
+)
+def test_a_body_not_sent_as_json_gets_a_415_that_names_the_header(service, content_type, expected):
+    """`curl -d` and urllib send a form's type unless told otherwise."""
+    body = json.dumps({"text": CHAPTER_SPAM}).encode()
+    status, answer = call(service, "/classify", body, headers={"Content-Type": content_type})
+    assert status == expected, answer
+    if expected == 415:
+        assert "Content-Type: application/json" in answer["error"]
+        assert repr(content_type) in answer["error"]
+
+
+def test_wrong_method_and_path_are_4xx_that_say_what_to_do(service):
+    status, answer = call(service, "/classify")
+    assert (
+        status == 405
+        and answer["error"] == "GET /classify is not allowed; /classify takes POST (see /docs)"
+    )
+    status, answer = call(service, "/nowhere")
+    assert status == 404 and "GET /nowhere" in answer["error"] and "/docs" in answer["error"]
+    head = urllib.request.Request(service + "/healthz", method="HEAD")  # load balancers' check
+    with urllib.request.urlopen(head, timeout=60) as response:
+        assert response.status == 200 and response.read() == b""
     status, _ = call(service, "/classify", b'{"text": "hi"}', headers={"Content-Length": "x"})
     assert 400 <= status < 500
 
