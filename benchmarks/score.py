@@ -10,7 +10,8 @@ replicated to ``--rows`` rows of Parquet and measures rows per second of
   (c) transformers' ``GPT2ForSequenceClassification`` with the same weights, batches of
       64 in input order padded to their longest message;
   (d), (e) that model exported to ONNX and run by ONNX Runtime, fp32 and with its dynamic
-      int8 quantisation, batches of 64 sorted by length (needs the ``bench`` extra).
+      int8 quantisation, batches of 64 sorted by length, the median of three passes
+      after a warm-up (needs the ``bench`` extra).
 (b) to (e) run on ``--sample`` messages of the same file; (a) on ``--job-rows`` of it.
 Prints a Markdown table with the ratios (a)/(b), (a)/(c) and (a) int8/(e), and for each
 job the peak private memory of the driver and of the largest model actor.
@@ -178,10 +179,14 @@ def onnx_models(checkpoint: Path, folder: Path) -> dict[str, Path]:
 
 
 def onnx_runtime_batched(
-    model: Path, texts: list[str], batch_size: int = 64, threads: int | None = None
+    model: Path, texts: list[str], batch_size: int = 64, threads: int | None = None, rounds: int = 3
 ) -> tuple[float, list[list[float]]]:
     """ONNX Runtime on the CPU with every core (or ``threads``), batches of messages sorted
-    by length: messages per second, and each message's label probabilities in input order."""
+    by length: messages per second, the median of ``rounds`` timed passes after a warm-up
+    batch (one pass of 600 messages, about 5 s, read 91-121 messages/s within an hour on
+    one VM), and each message's label probabilities in input order."""
+    import statistics
+
     import numpy as np
     import onnxruntime
 
@@ -189,17 +194,25 @@ def onnx_runtime_batched(
     options.intra_op_num_threads, options.inter_op_num_threads = threads or THREADS, 1
     session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     probabilities: list[list[float]] = [[]] * len(texts)
-    started = time.perf_counter()
-    encoded = [encode_text(t)[:120] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        ids, mask = padded([encoded[i] for i in chunk])
-        feeds = {"input_ids": np.array(ids), "attention_mask": np.array(mask)}
-        logits = torch.from_numpy(session.run(["logits"], feeds)[0])
-        for i, row in zip(chunk, torch.softmax(logits.float(), -1).tolist()):
-            probabilities[i] = row
-    return len(texts) / (time.perf_counter() - started), probabilities
+
+    def classify(chunk: list[str]) -> None:
+        encoded = [encode_text(t)[:120] for t in chunk]
+        order = sorted(range(len(chunk)), key=lambda i: len(encoded[i]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids, mask = padded([encoded[i] for i in batch])
+            feeds = {"input_ids": np.array(ids), "attention_mask": np.array(mask)}
+            logits = torch.from_numpy(session.run(["logits"], feeds)[0])
+            for i, row in zip(batch, torch.softmax(logits.float(), -1).tolist()):
+                probabilities[i] = row
+
+    classify(texts[:batch_size])  # warm-up: the session's first run sets up its kernels
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        classify(texts)
+        rates.append(len(texts) / (time.perf_counter() - started))
+    return statistics.median(rates), probabilities
 
 
 def onnx_runtime_runs(
