@@ -85,9 +85,7 @@ def resolve_model(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from spam_gpt.tracking import absolute_tracking_uri
-
-    uri = absolute_tracking_uri(tracking_uri)
+    uri = mlflow_store(tracking_uri)
     try:
         name, version = model_version_of(ref, uri)
         target = into or tempfile.mkdtemp(prefix="spam-gpt-model-")
@@ -97,10 +95,9 @@ def resolve_model(
         mlflow.set_registry_uri(uri)
         pinned = f"models:/{name}/{version}" if ref.startswith("models:/") else ref
         local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=target)
-    except MlflowException as error:
-        raise FileNotFoundError(
-            f"cannot load {ref} from MLflow at {uri}: {error.message}"
-        ) from None
+    except (MlflowException, FileNotFoundError) as error:
+        why = error.message if isinstance(error, MlflowException) else str(error)
+        raise FileNotFoundError(f"cannot load {ref} from MLflow at {uri}: {why}") from None
     return find_checkpoint(Path(local)), name, str(version)
 
 
@@ -122,12 +119,29 @@ def pin_model_ref(ref: str, tracking_uri: str | None) -> str:
         if not folder.exists():
             raise FileNotFoundError(f"{ref}: no such folder")
         return str(find_checkpoint(folder))
+    uri = mlflow_store(tracking_uri)
     if not ref.startswith("models:/"):
         return ref
     from mlflow.exceptions import MlflowException
 
     try:
-        name, version = model_version_of(ref, tracking_uri)
-    except MlflowException as error:
-        raise FileNotFoundError(error.message) from None
+        name, version = model_version_of(ref, uri)
+    except (MlflowException, FileNotFoundError) as error:
+        why = error.message if isinstance(error, MlflowException) else str(error)
+        raise FileNotFoundError(f"cannot find {ref} in MLflow at {uri}: {why}") from None
     return f"models:/{name}/{version}"
+
+
+def mlflow_store(tracking_uri: str | None) -> str:
+    """The absolute tracking URI for loading a model, refusing an SQLite store that does
+    not exist: MLflow would create an empty one in its place and then say only that the
+    model is not there."""
+    from spam_gpt.tracking import absolute_tracking_uri
+
+    uri = absolute_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise FileNotFoundError(
+            f"no MLflow store at {uri} (no such file): pass --tracking-uri, or set "
+            "MLFLOW_TRACKING_URI, to the store the model was logged to"
+        )
+    return uri

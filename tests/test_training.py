@@ -209,6 +209,18 @@ def test_classify_labels_the_chapters_examples(tiny_run, capsys):
     assert record["spam_probability"] == record["probabilities"]["spam"]
 
 
+@pytest.mark.parametrize(
+    "ref", ["models:/spam-gpt/1", "models:/spam-gpt@champion", "runs:/abc/model"]
+)
+def test_a_model_from_a_store_that_is_not_there_names_the_store_and_creates_none(
+    ref, tmp_path, capsys
+):
+    store = tmp_path / "mlflow.db"
+    assert main(["classify", "--model", ref, "--tracking-uri", f"sqlite:///{store}", "hi"]) == 2
+    assert f"no MLflow store at sqlite:///{store} (no such file)" in capsys.readouterr().err
+    assert not store.exists()  # MLflow would have made an empty one
+
+
 def test_classify_refuses_a_blank_message(tiny_run, capsys):
     model = str(tiny_run / "model")
     assert main(["classify", "--model", model, CHAPTER_HAM, " \t", ""]) == 2
