@@ -96,8 +96,9 @@ def resolve_model(
         pinned = f"models:/{name}/{version}" if ref.startswith("models:/") else ref
         local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=target)
     except (MlflowException, FileNotFoundError) as error:
-        why = error.message if isinstance(error, MlflowException) else str(error)
-        raise FileNotFoundError(f"cannot load {ref} from MLflow at {uri}: {why}") from None
+        raise FileNotFoundError(
+            f"cannot load {ref} from MLflow at {uri}: {mlflow_reason(error)}"
+        ) from None
     return find_checkpoint(Path(local)), name, str(version)
 
 
@@ -127,9 +128,15 @@ def pin_model_ref(ref: str, tracking_uri: str | None) -> str:
     try:
         name, version = model_version_of(ref, uri)
     except (MlflowException, FileNotFoundError) as error:
-        why = error.message if isinstance(error, MlflowException) else str(error)
-        raise FileNotFoundError(f"cannot find {ref} in MLflow at {uri}: {why}") from None
+        raise FileNotFoundError(
+            f"cannot find {ref} in MLflow at {uri}: {mlflow_reason(error)}"
+        ) from None
     return f"models:/{name}/{version}"
+
+
+def mlflow_reason(error: Exception) -> str:
+    """An MLflow error's own message (its str() adds the error code), or the error's."""
+    return getattr(error, "message", None) or str(error)
 
 
 def mlflow_store(tracking_uri: str | None) -> str:
