@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -357,14 +358,18 @@ def test_the_summary_names_the_epoch_keep_best_kept(tiny_run, capsys):
     assert "Kept" not in capsys.readouterr().out
 
 
-def test_train_prints_chapter_lines_progress_and_honours_overrides(tmp_path, capsys):
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log-file"])
+def test_train_prints_chapter_lines_progress_and_honours_overrides(
+    terminal, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     out = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--epochs", "1", "--lr", "0.002", "--output", str(out)]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "Ep 1 (Step 000000): Train loss" in captured.out
     assert "Training accuracy:" in captured.out and "Validation accuracy:" in captured.out
-    assert "Epoch 1/1" in captured.err  # the progress bar
+    assert ("Epoch 1/1" in captured.err) == terminal  # the step bar, never into a log file
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert config["epochs"] == 1 and config["lr"] == 0.002 and config["model"] == "tiny"
 
