@@ -176,7 +176,6 @@ def train_worker(loop_config: dict) -> None:
         on_eval=logger.log_history if logger else None,
         on_epoch_end=on_epoch_end,
         verbose=rank == 0,
-        progress=False,
     )
     with tempfile.TemporaryDirectory() as folder:
         final = None

@@ -155,7 +155,6 @@ def finetune(
     on_eval: EvalHook | None = None,
     on_epoch_end: Callable[[TrainingHistory, Callable[[], TrainingState]], None] | None = None,
     verbose: bool = True,
-    progress: bool = True,
 ) -> FinetuneResult:
     """Train per ``cfg`` and measure full-set accuracies and test-set per-class scores.
     ``data`` may be the chapter's split frames themselves. ``on_epoch_end`` gets the
@@ -224,7 +223,6 @@ def finetune(
         keep_best=best,
         patience=cfg.patience,
         verbose=verbose,
-        progress=progress,
     )
     training_seconds = time.perf_counter() - started
     trainable_parameters = count_parameters(classifier, trainable_only=True)

@@ -204,7 +204,6 @@ def train_classifier_simple(
     keep_best: BestWeights | None = None,
     patience: int = 0,
     verbose: bool = True,
-    progress: bool = True,
 ) -> TrainingHistory:
     """The chapter's loop: a step per batch, losses every ``eval_freq`` steps on
     ``eval_iter`` batches, accuracies on ``eval_iter`` batches after each epoch.
@@ -215,13 +214,14 @@ def train_classifier_simple(
     stopped run from its last finished epoch; ``examples_seen`` counts examples over all
     workers. ``keep_best`` measures each epoch's validation accuracy on its whole
     validation set and ends with the best epoch's weights; ``patience`` stops after that
-    many epochs without a better one. ``verbose`` prints the chapter's lines; ``progress``
-    adds a bar where stderr is a terminal (not on Ray workers, nor into a log file).
+    many epochs without a better one. ``verbose`` prints the chapter's lines, with a bar
+    where stderr is a terminal (never on Ray workers, whose output goes to Ray's log files,
+    nor into a log file).
     """
     history = history or TrainingHistory()
     train_probe = train_loader if train_probe is None else train_probe
     world_size = round(reduce(torch.ones(1, dtype=torch.float64)).item())
-    show_bar = verbose and progress and sys.stderr.isatty()
+    show_bar = verbose and sys.stderr.isatty()
 
     def log(line: str) -> None:
         if show_bar:
