@@ -33,7 +33,7 @@ from spam_gpt.labelled import (
     make_plan,
     scan_source,
 )
-from spam_gpt.sources import ParquetFooters, read_files
+from spam_gpt.sources import DataError, ParquetFooters, read_files
 
 PROBES = ("train_probe", "validation_probe")
 SHUFFLE_BUFFER_ROWS = 2048
@@ -52,8 +52,13 @@ def scan_on_ray(inputs: LabelledInputs) -> ScanStats:
         for source in part.sources
     ]
     stats = ScanStats()
-    for ref in refs:
-        stats.merge(ray.get(ref))
+    try:
+        for ref in refs:
+            stats.merge(ray.get(ref))
+    except ray.exceptions.RayTaskError as error:  # say what was wrong, not where Ray was
+        if isinstance(error.cause, DataError):
+            raise error.cause from None
+        raise
     return stats
 
 

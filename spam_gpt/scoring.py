@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -62,6 +63,9 @@ ADDED_COLUMNS = (
     "score_error",
 )
 SUCCESS_FILE = "_SUCCESS"
+
+
+RAISED = re.compile(r"(?P<name>[A-Za-z_][\w.]*): (?P<message>.+)")  # a traceback's last line
 
 
 class ScoringError(DataError):
@@ -390,7 +394,7 @@ def run_scoring(
             except Exception as error:
                 parts = len(finished_parts(job.folder))
                 raise ScoringError(
-                    f"the job stopped ({type(error).__name__}: {first_line(error)}); "
+                    f"the job stopped ({cause_of(error)}); "
                     f"{parts:,} of {len(job.manifest.units):,} parts are saved in {job.folder}:"
                     " fix the cause and run the same command with --resume to finish it"
                 ) from error
@@ -404,5 +408,15 @@ def run_scoring(
     return summary
 
 
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
+def cause_of(error: Exception) -> str:
+    """What stopped the job, as ``Name: message``: Ray raises its own wrapper, whose text
+    carries the actor's traceback; the last exception named there outside Ray's is the
+    one spam-gpt or its libraries raised."""
+    raised = [
+        match
+        for line in str(error).splitlines()
+        if (match := RAISED.fullmatch(line)) and not match["name"].startswith("ray.")
+    ]
+    if not raised:
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    return f"{raised[-1]['name'].rsplit('.', 1)[-1]}: {raised[-1]['message'][:600]}"

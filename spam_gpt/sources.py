@@ -1,13 +1,14 @@
 """Input files of messages: what ``--data`` and ``--input`` accept, and reading them.
 
 A path is a Parquet file, a folder of Parquet files (hive partitions become columns), a
-glob, or a CSV/TSV file (the chapter's splits, the UCI collection), local or on any
-filesystem pyarrow opens (``s3://``, ``gs://``, ``file://``). Files are read a batch at
-a time, so no file needs to fit in memory.
+glob, or a CSV/TSV file in UTF-8, compressed or not (the chapter's splits, the UCI
+collection), local or on any filesystem pyarrow opens (``s3://``, ``gs://``, ``file://``).
+Files are read a batch at a time, so no file needs to fit in memory.
 """
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import glob
 from collections.abc import Iterator
@@ -23,6 +24,22 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
 TEXT_SUFFIXES = (".csv", ".tsv")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".lz4")  # what pyarrow's datasets and Ray Data open
+# Files people hand over that are neither Parquet nor CSV/TSV, by suffix.
+OTHER_FORMATS = {
+    ".json": "JSON",
+    ".jsonl": "JSON Lines",
+    ".ndjson": "JSON Lines",
+    ".xlsx": "an Excel workbook",
+    ".xls": "an Excel workbook",
+    ".avro": "Avro",
+    ".orc": "ORC",
+    ".feather": "Arrow IPC",
+    ".arrow": "Arrow IPC",
+}
+READS = (
+    "spam-gpt reads Parquet (files or folders) and CSV/TSV files (.csv, .tsv; also .gz, .bz2, .lz4)"
+)
 UCI_NAME = "SMSSpamCollection"
 UCI_COLUMNS = ["Label", "Text"]
 BATCH_ROWS = 8192
@@ -83,12 +100,58 @@ def expand_inputs(inputs: list[str], option: str = "--input") -> tuple[list[str]
 
 
 def input_format(path: str) -> str:
+    """parquet, csv or tsv, by the path's name; other formats people name are refused."""
     name = path.rstrip("/").rsplit("/", 1)[-1].lower()
-    if name.endswith(TEXT_SUFFIXES):
-        return name.rsplit(".", 1)[1]
+    plain = name.removesuffix(next((s for s in COMPRESSED_SUFFIXES if name.endswith(s)), ""))
+    if plain.endswith(TEXT_SUFFIXES):
+        return plain.rsplit(".", 1)[1]
     if name == UCI_NAME.lower():
         return "tsv"
+    suffix = "." + plain.rsplit(".", 1)[-1]
+    if suffix in OTHER_FORMATS:
+        hint = ""
+        if "JSON" in OTHER_FORMATS[suffix]:
+            lines = ", lines=True" if suffix != ".json" else ""
+            hint = f" (pandas: pd.read_json({path!r}{lines}).to_parquet('messages.parquet'))"
+        raise DataError(
+            f"{path} is {OTHER_FORMATS[suffix]}; {READS}: convert it to Parquet first{hint}"
+        )
     return "parquet"  # files by suffix, folders (hive partitions included) as Parquet
+
+
+def not_parquet(path: str, error: Exception) -> DataError:
+    """What to say when a file read as Parquet is not one."""
+    damaged = "magic bytes not found" in str(error)
+    reason = "it has no Parquet footer" if damaged else str(error).splitlines()[0]
+    return DataError(
+        f"{path} is not a Parquet file ({reason}: damaged, or another format); {READS}"
+    )
+
+
+def not_utf8(path: str) -> DataError:
+    """What to say when a CSV/TSV file is not UTF-8: the line of its first bad byte, and
+    how to convert it (Excel on Windows writes cp1252)."""
+    filesystem, where = filesystem_of(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with filesystem.open_input_stream(where) as stream:
+        while chunk := stream.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                data, start = error.object, error.start  # with a character the last chunk cut
+                line += data.count(b"\n", 0, start)
+                first = max(data.rfind(b"\n", 0, start) + 1, start - 30)
+                stop = data.find(b"\n", start)
+                text = data[first : min(len(data) if stop < 0 else stop, start + 30)]
+                return DataError(
+                    f"{path} is not UTF-8: byte 0x{data[start]:02x} on line {line}, in "
+                    f"`{text.decode('utf-8', 'backslashreplace')}`; spam-gpt reads CSV/TSV as "
+                    'UTF-8: save the file as UTF-8 (Excel: "CSV UTF-8") or convert it, for '
+                    f"example: iconv -f cp1252 -t utf-8 {path} > utf8.csv"
+                )
+            line += chunk.count(b"\n")
+    return DataError(f"{path} is not UTF-8; save it as UTF-8")
 
 
 def filesystem_of(path: str) -> tuple[pa_fs.FileSystem, str]:
@@ -175,7 +238,10 @@ class ParquetFooters:
         def footer(file: SourceFile) -> pq.FileMetaData:
             filesystem, where = filesystem_of(file.path)
             with filesystem.open_input_file(where) as stream:
-                return pq.read_metadata(stream)
+                try:
+                    return pq.read_metadata(stream)
+                except pa.ArrowInvalid as error:
+                    raise not_parquet(file.path, error) from None
 
         with ThreadPoolExecutor(16) as pool:
             return cls(files, list(pool.map(footer, files)))
@@ -229,9 +295,14 @@ def list_files(paths: list[str], fmt: str) -> list[SourceFile]:
     files: list[SourceFile] = []
     for path in paths:
         filesystem, where = filesystem_of(path)
-        dataset = pa_ds.dataset(
-            where, filesystem=filesystem, format="csv" if fmt != "parquet" else "parquet"
-        )
+        try:
+            dataset = pa_ds.dataset(
+                where, filesystem=filesystem, format="csv" if fmt != "parquet" else "parquet"
+            )
+        except pa.ArrowInvalid as error:
+            if fmt != "parquet":
+                raise DataError(f"{path}: {str(error).splitlines()[0]}") from None
+            raise not_parquet(path, error) from None
         scheme = path.split("://", 1)[0] + "://" if is_remote(path) else ""
         for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
             files.append(SourceFile(scheme + fragment.path, fmt, hive_partitions(fragment.path)))
@@ -254,18 +325,23 @@ def file_batches(source: SourceFile, columns: list[str] | None = None) -> Iterat
             for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
                 yield with_partitions(pa.Table.from_batches([batch]), source.partitions)
         return
-    with filesystem.open_input_stream(where) as stream:
-        reader = pa_csv.open_csv(
-            stream,
-            read_options=csv_read_options(source.format, source.path),
-            parse_options=csv_parse_options(source.format),
-            convert_options=csv_as_strings(source.path, source.format),
-        )
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
-            if wanted is not None:
-                table = table.select([c for c in wanted if c in table.column_names])
-            yield with_partitions(table, source.partitions)
+    try:
+        with filesystem.open_input_stream(where) as stream:
+            reader = pa_csv.open_csv(
+                stream,
+                read_options=csv_read_options(source.format, source.path),
+                parse_options=csv_parse_options(source.format),
+                convert_options=csv_as_strings(source.path, source.format),
+            )
+            for batch in reader:
+                table = pa.Table.from_batches([batch])
+                if wanted is not None:
+                    table = table.select([c for c in wanted if c in table.column_names])
+                yield with_partitions(table, source.partitions)
+    except pa.ArrowInvalid as error:
+        if "invalid UTF8" in str(error):
+            raise not_utf8(source.path) from None
+        raise
 
 
 def with_partitions(table: pa.Table, partitions: dict) -> pa.Table:

@@ -96,6 +96,52 @@ def test_csv_columns_in_any_case_and_a_split_column(tmp_path):
     assert frames["test"]["Text"].tolist() == frame["text"][600:].tolist()
 
 
+@pytest.mark.parametrize(("suffix", "codec"), [("gz", "gzip"), ("bz2", "bz2"), ("lz4", "lz4")])
+def test_a_compressed_csv_reads_as_the_plain_one(tmp_path, suffix, codec):
+    frame = three_class_frame()
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    with pa.CompressedOutputStream(str(tmp_path / f"m.csv.{suffix}"), codec) as packed:
+        packed.write((tmp_path / "m.csv").read_bytes())
+    plain, plain_frames = load(tmp_path / "m.csv")
+    packed, packed_frames = load(tmp_path / f"m.csv.{suffix}")
+    assert packed.counts == plain.counts and packed.bounds == plain.bounds
+    assert packed_frames["test"]["Text"].tolist() == plain_frames["test"]["Text"].tolist()
+
+
+def test_a_csv_that_is_not_utf8_names_the_line_and_the_fix(tmp_path, capsys):
+    """What Excel on Windows saves as "CSV" is cp1252: the first byte UTF-8 cannot read is
+    found and shown, with how to convert the file, in process and on the command line."""
+    frame = three_class_frame()
+    frame["text"] = frame["text"].str.encode("ascii", "ignore").str.decode("ascii")
+    frame.loc[41, "text"] = "Caf\u00e9 offer \u00a35, reply now"
+    frame.to_csv(tmp_path / "m.csv", index=False, encoding="cp1252")
+    written = (tmp_path / "m.csv").read_bytes()
+    line = written[: written.index(b"Caf")].count(b"\n") + 1
+    expected = rf'byte 0xe9 on line {line}, in `"Caf\\xe9 offer \\xa35, reply now",'
+    with pytest.raises(DataError, match=expected):
+        load(tmp_path / "m.csv")
+    args = ["train", "--preset", "tiny", "--data", str(tmp_path / "m.csv")]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8" in err and "iconv -f cp1252 -t utf-8" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("m.jsonl", r"is JSON Lines; .*pd.read_json\('.*m.jsonl', lines=True\)"),
+        ("m.json", r"is JSON; .*pd.read_json\('.*m.json'\)"),
+        ("m.xlsx", "is an Excel workbook; spam-gpt reads Parquet"),
+        ("m.data", "is not a Parquet file .it has no Parquet footer: damaged, or another format"),
+    ],
+)
+def test_a_file_in_another_format_is_named_with_what_spam_gpt_reads(tmp_path, name, message):
+    three_class_frame().to_json(tmp_path / name, orient="records", lines=True)
+    with pytest.raises(DataError, match=message):
+        load(tmp_path / name)
+
+
 def test_a_hive_partition_can_be_the_split_column(tmp_path):
     frame = three_class_frame()
     for split, rows in (

@@ -138,3 +138,13 @@ def test_max_steps_stops_a_streamed_run_early(three_class_run):
     assert history["examples_seen"] == MAX_STEPS * 8
     assert history["stopped_at_max_steps"] and history["epochs_done"] == 3
     assert history["eval_steps"] == list(range(0, MAX_STEPS, 50))
+
+
+def test_a_file_the_scan_cannot_read_is_named_without_rays_traceback(tmp_path, capsys):
+    """The scan runs as Ray tasks: their error reaches the command line as spam-gpt's own."""
+    (tmp_path / "m.csv").write_bytes("text,label\nhi,a\nCaf\u00e9,b\n".encode("cp1252"))
+    args = ["train", "--preset", "tiny", "--workers", "1", "--data", str(tmp_path / "m.csv")]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spam-gpt train: error: ") and "is not UTF-8: byte 0xe9 on line 3" in err
+    assert "ray::" not in err and "File " not in err

@@ -173,6 +173,25 @@ def test_a_failed_job_leaves_nothing_that_looks_complete_and_resumes(tiny_run, t
     assert (tmp_path / "out" / "_SUCCESS").is_file() and not (tmp_path / ".out.partial").exists()
 
 
+def test_a_csv_that_is_not_utf8_stops_the_job_with_its_line_and_resumes_once_converted(
+    tiny_run, tmp_path
+):
+    """The job says what its actor met (not Ray's wrapper around it); once the file is
+    saved as UTF-8, the same job with ``resume`` finishes."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,id\nsee you at 6,1\nCaf\u00e9 offer \u00a35,2\n".encode("cp1252"))
+    job = (str(tiny_run / "model"), [str(path)], str(tmp_path / "out"))
+    stopped = r"the job stopped \(DataError: .*excel.csv is not UTF-8: byte 0xe9 on line 3"
+    with pytest.raises(ScoringError, match=rf"{stopped}.*\); 0 of 1 parts are saved .*--resume"):
+        run_scoring(*job)
+    path.write_bytes(path.read_bytes().decode("cp1252").encode())
+    summary = run_scoring(*job, resume=True)
+    assert (summary.rows, summary.scored) == (2, 2)
+    assert (
+        pq.read_table(tmp_path / "out").column("text").to_pylist()[1] == "Caf\u00e9 offer \u00a35"
+    )
+
+
 def test_resume_refuses_a_changed_job(tiny_run, tmp_path, capsys):
     pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
     job = (str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
