@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print each message's label and that label's probability.",
     )
     add_model_options(classify)
-    classify.add_argument("texts", nargs="+", metavar="TEXT", help="messages to classify")
+    classify.add_argument(
+        "texts",
+        nargs="+",
+        metavar="TEXT",
+        help="messages to classify; - reads one message per line from standard input",
+    )
     classify.add_argument(
         "--json", action="store_true", help="print JSON lines, with every label's probability"
     )
@@ -605,13 +610,18 @@ def print_summary(metrics: dict) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     from spam_gpt.model_ref import load_predictor
 
-    blank = [str(number) for number, text in enumerate(args.texts, 1) if not text.strip()]
+    if args.texts == ["-"]:  # a file of messages, piped in
+        texts, name = sys.stdin.read().splitlines(), "line"
+    else:
+        texts, name = args.texts, "TEXT"
+    if not texts:
+        raise ValueError("standard input holds no messages; give one per line")
+    blank = [str(number) for number, text in enumerate(texts, 1) if not text.strip()]
     if blank:  # as `score` flags such a row and `serve` refuses it
-        raise ValueError(
-            f"TEXT {', '.join(blank)} of {len(args.texts)} is blank; give each message some text"
-        )
+        shown = ", ".join(blank[:10]) + (", …" if len(blank) > 10 else "")
+        raise ValueError(f"{name} {shown} of {len(texts)} is blank; give each message some text")
     predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
-    for text, prediction in zip(args.texts, predictor.predict(args.texts)):
+    for text, prediction in zip(texts, predictor.predict(texts)):
         if args.json:
             record = {"text": text, **prediction._asdict()}
             if prediction.spam_probability is not None:

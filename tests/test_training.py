@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -228,6 +229,21 @@ def test_classify_refuses_a_blank_message(tiny_run, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "TEXT 2, 3 of 3 is blank" in captured.err
+
+
+def test_classify_reads_one_message_per_line_from_standard_input(tiny_run, capsys, monkeypatch):
+    model = str(tiny_run / "model")
+    assert main(["classify", "--model", model, CHAPTER_SPAM, CHAPTER_HAM]) == 0
+    from_arguments = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{CHAPTER_SPAM}\n{CHAPTER_HAM}\n"))
+    assert main(["classify", "--model", model, "-"]) == 0
+    assert capsys.readouterr().out == from_arguments and len(from_arguments.splitlines()) == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{CHAPTER_HAM}\n\n{CHAPTER_SPAM}\n"))
+    assert main(["classify", "--model", model, "-"]) == 2
+    assert "line 2 of 3 is blank" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["classify", "--model", model, "-"]) == 2
+    assert "standard input holds no messages" in capsys.readouterr().err
 
 
 def test_bf16_precision_agrees_with_fp32(tiny_run):
