@@ -113,6 +113,7 @@ def serve_forever(
     signal.signal(signal.SIGTERM, interrupt)
     try:
         url = deploy(app_args, host, port, address, runtime_env, metrics_port)
+        signal.signal(signal.SIGTERM, interrupt)  # ray.init put in its own, a bare sys.exit
         health = wait_until_healthy(url)  # answers at once now: says whether keys are needed
         print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
         if health.get("api_keys") == "required":
@@ -129,7 +130,7 @@ def serve_forever(
         print("Press Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM during start-up
         print("Shutting down…", flush=True)
         # Serve's controller ends its own graceful shutdown by killing itself, and Ray
         # reports the killed task as an error: a line for the log, not for the terminal.

@@ -43,6 +43,13 @@ MAX_BATCH_SIZE = 32
 RELOAD_INTERVAL_S = 30.0
 
 
+# The field of the other route, sent to this one: where it belongs.
+OTHER_ROUTE = {
+    "texts": " (several messages go to POST /classify/batch)",
+    "text": " (one message goes to POST /classify)",
+}
+
+
 def describe_errors(error: RequestValidationError) -> str:
     """One readable line: where each problem is and what it is."""
     parts = []
@@ -52,7 +59,8 @@ def describe_errors(error: RequestValidationError) -> str:
             parts.append(f"the body is not valid JSON: {why} at character {item['loc'][-1]}")
             continue
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+        hint = OTHER_ROUTE.get(where, "") if item.get("type") == "extra_forbidden" else ""
+        parts.append(f"{where}: {item.get('msg', 'invalid')}{hint}")
     return "; ".join(parts)
 
 

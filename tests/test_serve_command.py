@@ -20,7 +20,8 @@ from .conftest import CHAPTER_SPAM, NOISE, free_port, haproxy_running, wait_for_
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["serve-proxy-open", "haproxy-keys"])
 def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, keyed):
-    """Open behind Serve's proxy; behind HAProxy with an API key file."""
+    """Open behind Serve's proxy, stopped with Ctrl-C; behind HAProxy with an API key
+    file, stopped with SIGTERM (`kill`, `docker stop`, Kubernetes) just as cleanly."""
     key_file = tmp_path / "api-keys"
     key_file.write_text("serve-command-key\n")
     options = ["--high-throughput", "--api-key-file", str(key_file)] if keyed else []
@@ -54,7 +55,7 @@ def test_serve_blocks_until_ctrl_c_then_shuts_down(tiny_run, tmp_path, keyed):
         else:
             assert classify_over_http(url, CHAPTER_SPAM, timeout=30)["label"] == "spam"
         assert haproxy_running() == keyed
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM if keyed else signal.SIGINT)
         assert process.wait(timeout=120) == 0
     finally:
         process.kill()

@@ -233,6 +233,11 @@ BAD_REQUESTS = {
     "wrong type": (b'{"text": 5}', 422, "text: Input should be a valid string"),
     "missing field": (b"{}", 422, "text: Field required"),
     "unknown field": (b'{"text": "hi", "txt": "x"}', 422, "txt: Extra inputs are not permitted"),
+    "a batch sent to /classify": (
+        b'{"texts": ["hi", "ho"]}',
+        422,
+        "texts: Extra inputs are not permitted (several messages go to POST /classify/batch)",
+    ),
     "null text": (b'{"text": null}', 422, "text: Input should be a valid string"),
     "empty text": (b'{"text": ""}', 422, "text is empty"),
     "blank text": (b'{"text": "   \\n "}', 422, "text is empty"),
@@ -268,6 +273,10 @@ def test_bad_requests_get_a_4xx_that_says_what_was_wrong(service, case):
         ({"texts": ["fine", "x" * (MAX_TEXT_CHARS + 1)]}, "texts.1: String should have at most"),
         ({"texts": ["fine", None]}, "texts.1: Input should be a valid string"),
         ({"texts": "one string"}, "texts: Input should be a valid list"),
+        (
+            {"text": "hi"},
+            "text: Extra inputs are not permitted (one message goes to POST /classify)",
+        ),
     ],
 )
 def test_bad_batch_requests(service, payload, message):
