@@ -13,6 +13,20 @@ from spam_gpt import __version__, console
 from spam_gpt.config import PRESETS, TrainConfig
 from spam_gpt.precision import INFERENCE_PRECISIONS, require_cpu_for_int8
 
+EXPERIMENT = "spam-gpt"
+REGISTERED_NAME = "spam-gpt"
+MAX_FAILURES = 3
+# `spam-gpt train`'s options that only training on Ray Train uses, with their defaults.
+RAY_TRAIN_ONLY = {
+    "tracking_uri": None,
+    "experiment": EXPERIMENT,
+    "register_as": REGISTERED_NAME,
+    "max_failures": MAX_FAILURES,
+    "storage_path": None,
+    "cpus_per_worker": None,
+    "runtime_env": None,
+}
+
 EXAMPLES = """examples:
   spam-gpt prepare --out data/
   spam-gpt train --preset tiny --output runs/tiny
@@ -276,8 +290,9 @@ def add_ray_train_options(parser: argparse.ArgumentParser) -> None:
     add_trainer_options(group, cpus_help="default: this machine's CPUs / N")
     group.add_argument(
         "--register-as",
-        default="spam-gpt",
-        help="registered model name for the trained model ('' to skip registering)",
+        default=REGISTERED_NAME,
+        help=f"registered model name for the trained model (default {REGISTERED_NAME}; '' to "
+        "skip registering)",
     )
     group.add_argument(
         "--storage-path",
@@ -306,9 +321,14 @@ def add_trainer_options(group, cpus_help: str) -> None:
     group.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)"
     )
-    group.add_argument("--experiment", default="spam-gpt", help="MLflow experiment name")
     group.add_argument(
-        "--max-failures", type=int, default=3, help="worker failures to recover from (default 3)"
+        "--experiment", default=EXPERIMENT, help=f"MLflow experiment name (default {EXPERIMENT})"
+    )
+    group.add_argument(
+        "--max-failures",
+        type=int,
+        default=MAX_FAILURES,
+        help=f"worker failures to recover from (default {MAX_FAILURES})",
     )
 
 
@@ -425,6 +445,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError("--output is required")
     if args.resume or args.workers or args.address or args.gpu:
         return train_on_ray(args)
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name, unset in RAY_TRAIN_ONLY.items()
+        if getattr(args, name) != unset
+    ]
+    if given:  # in process nothing would use them: say so rather than drop them
+        raise ValueError(
+            f"{', '.join(given)} {'take' if len(given) > 1 else 'takes'} effect on Ray Train, "
+            "which tracks the run in MLflow: "
+            "add --workers 1 (or more); without --workers, training runs in this process "
+            "and tracks nothing"
+        )
     from spam_gpt.finetune import InMemoryData, finetune, write_outputs
     from spam_gpt.labelled import labelled_inputs, load_in_process
 
@@ -470,9 +502,9 @@ def train_on_ray(args: argparse.Namespace) -> int:
         run_job,
         weights_for_workers,
     )
-    from spam_gpt.tracking import absolute_tracking_uri
+    from spam_gpt.tracking import absolute_tracking_uri, answering
 
-    tracking_uri = absolute_tracking_uri(args.tracking_uri)
+    tracking_uri = answering(absolute_tracking_uri(args.tracking_uri))
     if args.resume:
         job = find_job(args.resume, tracking_uri)
         spec, workers, cpus = job.data_spec(), job.workers, job.cpus_per_worker
@@ -525,12 +557,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from spam_gpt.grid import expand_grid, load_grid
     from spam_gpt.ray_cluster import connect, require_cpus
     from spam_gpt.sweep import SweepSettings, describe, run_sweep
-    from spam_gpt.tracking import absolute_tracking_uri
+    from spam_gpt.tracking import absolute_tracking_uri, answering
 
     overrides = config_overrides(args)
     grid = load_grid(args.grid)
     trials = expand_grid(grid, args.preset, overrides)
     spec = data_spec_from_args(args)
+    tracking_uri = answering(absolute_tracking_uri(args.tracking_uri))
     workers, cpus = args.workers or 1, args.cpus_per_worker or 1
     per_trial = workers * cpus + 1  # and one for Ray Data's reading and tokenizing
     if args.trials_at_once is not None and args.trials_at_once < 1:
@@ -547,7 +580,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         workers=workers,
         cpus_per_worker=cpus,
         gpu=args.gpu,
-        tracking_uri=absolute_tracking_uri(args.tracking_uri),
+        tracking_uri=tracking_uri,
         experiment=args.experiment,
         max_failures=args.max_failures,
         data=None if spec is None else dataclasses.asdict(spec),

@@ -143,9 +143,9 @@ def mlflow_store(tracking_uri: str | None) -> str:
     """The absolute tracking URI for loading a model, refusing an SQLite store that does
     not exist: MLflow would create an empty one in its place and then say only that the
     model is not there."""
-    from spam_gpt.tracking import absolute_tracking_uri
+    from spam_gpt.tracking import absolute_tracking_uri, answering
 
-    uri = absolute_tracking_uri(tracking_uri)
+    uri = answering(absolute_tracking_uri(tracking_uri))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise FileNotFoundError(
             f"no MLflow store at {uri} (no such file): pass --tracking-uri, or set "

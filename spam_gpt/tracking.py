@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -79,6 +81,29 @@ def absolute_tracking_uri(uri: str | None) -> str:
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     if "://" not in uri:
         return Path(uri).resolve().as_uri()
+    return uri
+
+
+class NoTrackingServer(ValueError):
+    """An http(s) tracking URI where no server answers."""
+
+
+def answering(uri: str, timeout: float = 10) -> str:
+    """``uri``, once the tracking server there answers: MLflow's client retries a refused
+    connection for minutes, then fails with a traceback."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered: a proxy in front of it, or a server with a static prefix
+    except OSError as error:
+        reason = getattr(error, "reason", error)
+        raise NoTrackingServer(
+            f"no MLflow server answers at {uri} ({reason}): start it (for example `mlflow "
+            "server --backend-store-uri sqlite:///mlflow.db --port 5000`), or pass the right "
+            "--tracking-uri"
+        ) from None
     return uri
 
 

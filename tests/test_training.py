@@ -20,7 +20,7 @@ from spam_gpt.predictor import Predictor
 from spam_gpt.tokenizer import get_tokenizer
 from spam_gpt.training import spam_scores
 
-from .conftest import CHAPTER_HAM, CHAPTER_SPAM
+from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port
 
 SPLITS = build_splits()
 
@@ -221,6 +221,35 @@ def test_a_model_from_a_store_that_is_not_there_names_the_store_and_creates_none
     assert main(["classify", "--model", ref, "--tracking-uri", f"sqlite:///{store}", "hi"]) == 2
     assert f"no MLflow store at sqlite:///{store} (no such file)" in capsys.readouterr().err
     assert not store.exists()  # MLflow would have made an empty one
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["classify", "--model", "models:/spam-gpt/1", "hi"],
+        ["train", "--preset", "tiny", "--workers", "1"],
+        ["sweep", "--preset", "tiny", "--grid", "book"],
+    ],
+    ids=["classify", "train-on-ray", "sweep"],
+)
+def test_a_tracking_server_that_does_not_answer_is_named_at_once(command, tmp_path, capsys):
+    """MLflow's client would retry a refused connection for minutes, then print a traceback;
+    nothing starts Ray first."""
+    import ray
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    output = [] if command[0] == "classify" else ["--output", str(tmp_path / "out")]
+    assert main([*command, "--tracking-uri", uri, *output]) == 2
+    assert f"no MLflow server answers at {uri} (" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_options_only_ray_train_uses_are_refused_in_process(tmp_path, capsys):
+    args = ["train", "--preset", "tiny", "--output", str(tmp_path / "out")]
+    assert main([*args, "--register-as", "mine", "--experiment", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--experiment, --register-as take effect on Ray Train" in err
+    assert "add --workers 1" in err and not (tmp_path / "out").exists()
 
 
 def test_classify_refuses_a_blank_message(tiny_run, capsys):
