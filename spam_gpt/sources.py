@@ -1,8 +1,8 @@
 """Input files of messages: what ``--data`` and ``--input`` accept, and reading them.
 
-A path is a Parquet file, a folder of Parquet files (hive partitions become columns), a
-glob, or a CSV/TSV file in UTF-8, compressed or not (the chapter's splits, the UCI
-collection), local or on any filesystem pyarrow opens (``s3://``, ``gs://``, ``file://``).
+A path is a Parquet file, a glob, a CSV/TSV file in UTF-8, compressed or not (the
+chapter's splits, the UCI collection), or a folder of either kind (hive partitions become
+columns), local or on any filesystem pyarrow opens (``s3://``, ``gs://``, ``file://``).
 Files are read a batch at a time, so no file needs to fit in memory.
 """
 
@@ -93,7 +93,7 @@ def expand_inputs(inputs: list[str], option: str = "--input") -> tuple[list[str]
             if not is_remote(item) and not Path(local_path(item)).exists():
                 raise DataError(f"{option} {item} does not exist")
             paths.append(item)
-    formats = {input_format(p) for p in paths}
+    formats = {path_format(p) for p in paths}
     if len(formats) > 1:
         raise DataError(f"{option} mixes formats ({', '.join(sorted(formats))}); use one")
     return paths, formats.pop()
@@ -117,6 +117,26 @@ def input_format(path: str) -> str:
             f"{path} is {OTHER_FORMATS[suffix]}; {READS}: convert it to Parquet first{hint}"
         )
     return "parquet"  # files by suffix, folders (hive partitions included) as Parquet
+
+
+def path_format(path: str) -> str:
+    """:func:`input_format` of a file, or of the data files in a folder (what pyarrow reads
+    there: names starting with ``_`` or ``.`` aside), which must all be of one kind."""
+    filesystem, where = filesystem_of(path)
+    if filesystem.get_file_info(where).type != pa_fs.FileType.Directory:
+        return input_format(path)
+    kinds = {
+        input_format(info.path)
+        for info in filesystem.get_file_info(pa_fs.FileSelector(where, recursive=True))
+        if info.type == pa_fs.FileType.File
+        and not any(p.startswith(("_", ".")) for p in info.path[len(where) :].split("/"))
+    }
+    if len(kinds) > 1:
+        raise DataError(
+            f"{path} holds files of several kinds ({', '.join(sorted(kinds))}); give one kind, "
+            f"for example {path.rstrip('/')}/*.{min(kinds)}"
+        )
+    return kinds.pop() if kinds else "parquet"
 
 
 def not_parquet(path: str, error: Exception) -> DataError:

@@ -108,6 +108,25 @@ def test_a_compressed_csv_reads_as_the_plain_one(tmp_path, suffix, codec):
     assert packed_frames["test"]["Text"].tolist() == plain_frames["test"]["Text"].tolist()
 
 
+def test_a_folder_of_csv_files_reads_as_csv_and_a_mixed_one_is_refused(tmp_path):
+    frame = three_class_frame()
+    frame.to_csv(tmp_path / "all.csv", index=False)
+    folder = tmp_path / "exports"
+    for day in ("day=1", "day=2"):
+        (folder / day).mkdir(parents=True)
+    half = len(frame) // 2
+    frame[:half].to_csv(folder / "day=1" / "a.csv", index=False)
+    frame[half:].to_csv(folder / "day=2" / "b.csv.gz", index=False)
+    (folder / "_SUCCESS").write_text("")  # what Spark leaves beside its files: not data
+    plan, frames = load(folder)
+    whole, whole_frames = load(tmp_path / "all.csv")
+    assert plan.counts == whole.counts
+    assert sorted(frames["test"]["Text"]) == sorted(whole_frames["test"]["Text"])
+    frame.to_parquet(folder / "c.parquet")
+    with pytest.raises(DataError, match=r"exports holds files of several kinds \(csv, parquet\)"):
+        load(folder)
+
+
 def test_a_csv_that_is_not_utf8_names_the_line_and_the_fix(tmp_path, capsys):
     """What Excel on Windows saves as "CSV" is cp1252: the first byte UTF-8 cannot read is
     found and shown, with how to convert the file, in process and on the command line."""
