@@ -83,17 +83,19 @@ def expand_glob(pattern: str) -> list[str]:
 def expand_inputs(inputs: list[str], option: str = "--input") -> tuple[list[str], str]:
     """Input paths (globs expanded) and their one format: parquet, csv or tsv."""
     paths: list[str] = []
+    formats = set()
     for item in inputs:
         if any(ch in item for ch in "*?["):
             matched = expand_glob(item)
             if not matched:
                 raise DataError(f"{option} {item} matches no files")
             paths += matched
+            formats |= {input_format(p) for p in matched}  # by name: a stat each costs
         else:
             if not is_remote(item) and not Path(local_path(item)).exists():
                 raise DataError(f"{option} {item} does not exist")
             paths.append(item)
-    formats = {path_format(p) for p in paths}
+            formats.add(path_format(item))
     if len(formats) > 1:
         raise DataError(f"{option} mixes formats ({', '.join(sorted(formats))}); use one")
     return paths, formats.pop()
