@@ -483,9 +483,14 @@ def make_plan(
         outside = sorted(found - set(labels))
         if outside:
             rows = sum(counts[s][label] for s in SPLIT_NAMES for label in outside)
+            remedy = (
+                "add them there or remove those rows"
+                if labels_origin == "--labels"  # else a trained model's, which cannot grow
+                else "remove those rows, or train a model on them"
+            )
             raise DataError(
                 f"label(s) {', '.join(map(repr, outside))} ({rows:,} rows) are not among "
-                f"{labels_origin} ({', '.join(labels)}); add them there or remove those rows"
+                f"{labels_origin} ({', '.join(labels)}); {remedy}"
             )
     else:
         labels = ordered_labels(counts["train"])

@@ -312,6 +312,15 @@ def test_three_classes_train_in_process_and_classify(three_class_data, tmp_path,
     assert record["probability"] == max(record["probabilities"].values())
     assert main(["evaluate", "--model", str(out / "model"), "--data", str(three_class_data)]) == 0
     assert f"Test accuracy: {metrics['test_accuracy'] * 100:.2f}%" in capsys.readouterr().out
+    other = three_class_frame().replace({"label": {"ham": "newsletter"}})
+    other.to_parquet(tmp_path / "other.parquet")
+    assert (
+        main(["evaluate", "--model", str(out / "model"), "--data", str(tmp_path / "other.parquet")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "label(s) 'newsletter' (240 rows) are not among the model's labels" in err
+    assert "remove those rows, or train a model on them" in err
 
 
 def test_what_ray_datas_processes_import_pulls_in_no_torch():
