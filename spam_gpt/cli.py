@@ -227,10 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="deploy and return, leaving the app running"
     )
 
-    generate = commands.add_parser("generate", help="greedy text generation with GPT-2 weights")
-    generate.add_argument("--weights", required=True, help="weights folder or name (gpt2-small…)")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=20)
+    generate = commands.add_parser(
+        "generate",
+        help="greedy text generation with GPT-2 weights",
+        description="Continue a prompt with pretrained GPT-2 weights, greedily: the book's "
+        "check that the weights loaded into its GPT module.",
+    )
+    generate.add_argument(
+        "--weights",
+        required=True,
+        help="a folder with config.json and model.safetensors, or a name (gpt2-small, "
+        "gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face cache or Hub",
+    )
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=20, help="tokens to add (default 20)"
+    )
     return parser
 
 
