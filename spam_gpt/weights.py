@@ -13,6 +13,9 @@ Safetensors only: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -39,6 +42,14 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 WEIGHT_FILES = (INDEX_FILE, SINGLE_FILE)
+PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -104,6 +115,25 @@ def knows_missing(repo: str, revision: str | None) -> bool:
     return try_to_load_from_cache(repo, INDEX_FILE, revision=revision) is _CACHED_NO_EXIST
 
 
+def hub_answers(timeout: float = 5) -> bool:
+    """Whether the Hub's host takes a connection (not asked offline, nor through a proxy,
+    which huggingface_hub reaches on its own): an unreachable one costs five tries over
+    about 25 s, each printed, before huggingface_hub gives up."""
+    import huggingface_hub.constants as hf
+
+    if hf.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    endpoint = urllib.parse.urlsplit(hf.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def resolve_weights(source: str) -> Path:
     """A folder holding HF-layout weights for ``source`` (a path or a Hub reference)."""
     path = Path(source).expanduser()
@@ -117,7 +147,7 @@ def resolve_weights(source: str) -> Path:
         )
     repo, revision = hub_reference(source)
     try:
-        return fetch_weight_files(repo, revision)
+        return fetch_weight_files(repo, revision, local_only=not hub_answers())
     except WeightsNotFound:
         raise
     except RevisionNotFoundError:

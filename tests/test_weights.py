@@ -28,6 +28,7 @@ from spam_gpt.weights import (
     resolve_weights,
 )
 
+from .conftest import free_port
 from .fake_hub import folder_files, hub_layout, published
 
 PROMPT = "Every effort moves you"
@@ -216,6 +217,26 @@ def test_offline_uses_the_cached_snapshot_and_nothing_else(
     assert cached_weights("gpt2-large") is None
     with pytest.raises(WeightsNotFound, match="not in the Hugging Face cache, and offline"):
         resolve_weights("gpt2-large")
+
+
+def test_an_unreachable_hub_is_not_retried_and_the_cache_still_serves(
+    scaled_gpt2_dir, tmp_path, hub, monkeypatch, caplog
+):
+    """huggingface_hub would try a host that refuses connections five times over about
+    25 s, logging each try: a laptop on a train gets the cache, or the error, at once."""
+    import huggingface_hub.constants as hf
+
+    commit = hub.repo("openai-community/gpt2").add(published(scaled_gpt2_dir, tmp_path))
+    assert resolve_weights("gpt2-small").name == commit
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(hf, "ENDPOINT", nowhere)
+    monkeypatch.setattr(
+        hf, "HUGGINGFACE_CO_URL_TEMPLATE", nowhere + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    assert resolve_weights("gpt2-small").name == commit
+    with pytest.raises(WeightsNotFound, match="not in the Hugging Face cache, and offline"):
+        resolve_weights("gpt2-large")
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
 
 
 def test_another_architecture_is_refused_before_its_weights_are_fetched(hub):
