@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import glob
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -296,7 +297,22 @@ class ParquetFooters:
         for name in self.files[0].partitions:  # hive partition columns, read as strings
             if name not in unified.names:
                 unified = unified.append(pa.field(name, pa.string()))
-        return unified
+        pandas = self.pandas_index()
+        return unified if pandas is None else unified.with_metadata({b"pandas": pandas})
+
+    def pandas_index(self) -> bytes | None:
+        """pandas' metadata when every file stores the same index as columns (what a
+        filtered frame's ``to_parquet`` writes, as ``__index_level_0__`` when unnamed), so
+        that pandas reads it back as the index; None otherwise."""
+        written = [
+            (footer.schema.to_arrow_schema().metadata or {}).get(b"pandas")
+            for footer in self.footers
+        ]
+        if not written or None in written:
+            return None
+        indexes = [json.loads(metadata)["index_columns"] for metadata in written]
+        as_columns = indexes[0] and all(isinstance(column, str) for column in indexes[0])
+        return written[0] if as_columns and all(i == indexes[0] for i in indexes) else None
 
 
 def is_view(kind: pa.DataType) -> bool:

@@ -305,3 +305,20 @@ def test_files_whose_schemas_differ_are_scored_with_the_union_of_columns(tiny_ru
     assert [row["id"] for row in rows] == [0, 1, 2]
     assert [row["label"] for row in rows] == ["spam", "not spam", "not spam"]
     assert [row["sender"] for row in rows] == [None, None, "+4470000"]
+
+
+@pytest.mark.parametrize("name", [None, "message_id"])
+def test_the_index_pandas_wrote_reads_back_as_the_index(tiny_run, tmp_path, name):
+    """A filtered frame's `to_parquet` stores its index as a column (``__index_level_0__``
+    when unnamed); `pd.read_parquet` of the output gives it back as the index."""
+    import pandas as pd
+
+    texts = [CHAPTER_SPAM, "dropped", CHAPTER_HAM, "dropped", "dropped", CHAPTER_HAM]
+    frame = pd.DataFrame({"text": texts, "n": range(6)})
+    kept = frame[frame["text"] != "dropped"].rename_axis(name)  # rows 0, 2, 5: not a range
+    kept.to_parquet(tmp_path / "in.parquet")
+    run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
+    scored = pd.read_parquet(tmp_path / "out")
+    assert list(scored.index) == [0, 2, 5] and scored.index.name == name
+    assert [c for c in scored.columns if c not in ADDED_COLUMNS] == ["text", "n"]
+    assert list(scored["label"]) == ["spam", "not spam", "not spam"]
