@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from spam_gpt import __version__, console
 from spam_gpt.config import PRESETS, TrainConfig
 from spam_gpt.precision import INFERENCE_PRECISIONS, require_cpu_for_int8
+from spam_gpt.stopping import Terminated
 
 EXPERIMENT = "spam-gpt"
 REGISTERED_NAME = "spam-gpt"
@@ -803,6 +805,9 @@ def run_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:  # our errors say what to do
         print(f"spam-gpt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what was saved is said there
+        print(f"spam-gpt {args.command}: stopped", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
 
 
 def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

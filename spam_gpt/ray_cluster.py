@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 
 from spam_gpt import console
+from spam_gpt.stopping import stop_on_sigterm
 
 
 def connect(
@@ -57,6 +58,7 @@ def connect(
             **quiet,
         )
         atexit.register(shutdown_local_ray, raylet_pids())  # runs before Ray's own handler
+    stop_on_sigterm()
     console.mute()  # Ray Data's and Serve's loggers exist now
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -391,12 +392,13 @@ def run_scoring(
             try:
                 for _ in scored.iter_batches(batch_size=None):
                     pass
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see ray_cluster.Terminated)
+                print(f"Stopped: {saved_parts(job)}: {RESUME}", file=sys.stderr, flush=True)
+                raise
             except Exception as error:
-                parts = len(finished_parts(job.folder))
                 raise ScoringError(
-                    f"the job stopped ({cause_of(error)}); "
-                    f"{parts:,} of {len(job.manifest.units):,} parts are saved in {job.folder}:"
-                    " fix the cause and run the same command with --resume to finish it"
+                    f"the job stopped ({cause_of(error)}); {saved_parts(job)}: fix the cause "
+                    f"and {RESUME}"
                 ) from error
     summary = summarize(job.folder, time.perf_counter() - started, before)
     summary.output = job.output
@@ -406,6 +408,14 @@ def run_scoring(
             shutil.rmtree(job.output)
         os.replace(job.folder, job.output)
     return summary
+
+
+RESUME = "run the same command with --resume to finish it"
+
+
+def saved_parts(job: ScoringJob) -> str:
+    parts = len(finished_parts(job.folder))
+    return f"{parts:,} of {len(job.manifest.units):,} parts are saved in {job.folder}"
 
 
 def cause_of(error: Exception) -> str:

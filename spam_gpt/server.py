@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import urllib.request
 
 from spam_gpt import console
 from spam_gpt.ray_cluster import connect
+from spam_gpt.stopping import stop_on_sigterm
 
 APP_NAME = "spam-gpt"
 
@@ -90,11 +90,6 @@ def deploy(
     return url
 
 
-def interrupt(*_) -> None:
-    """SIGTERM (``ray job stop``, ``kill``) stops the server like Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 def serve_forever(
     app_args: dict,
     host: str,
@@ -110,10 +105,9 @@ def serve_forever(
 
     from spam_gpt.ray_cluster import metrics_url
 
-    signal.signal(signal.SIGTERM, interrupt)
+    stop_on_sigterm()  # from the start; connecting to Ray sets it again after ray.init's
     try:
         url = deploy(app_args, host, port, address, runtime_env, metrics_port)
-        signal.signal(signal.SIGTERM, interrupt)  # ray.init put in its own, a bare sys.exit
         health = wait_until_healthy(url)  # answers at once now: says whether keys are needed
         print(f"Serving {app_args['model']} at {url} (API docs: {url}/docs)", flush=True)
         if health.get("api_keys") == "required":
@@ -130,7 +124,7 @@ def serve_forever(
         print("Press Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(0.5)
-    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's SIGTERM during start-up
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Terminated
         print("Shutting down…", flush=True)
         # Serve's controller ends its own graceful shutdown by killing itself, and Ray
         # reports the killed task as an error: a line for the log, not for the terminal.

@@ -3,6 +3,7 @@ again with ``--resume``, as a user would: every input row once, the finished par
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from spam_gpt.corpus import build_splits
 from spam_gpt.scoring_units import unit_size
@@ -98,3 +100,35 @@ def test_a_killed_job_resumes_without_redoing_finished_parts(tiny_run, tmp_path)
     assert re.search(rf"Read {rows:,} rows, {earlier:,} of them before resuming", resumed.stdout)
     assert not [p for p in output.iterdir() if p.name.endswith(".writing")]
     assert (output / "_SUCCESS").is_file()
+
+
+@pytest.mark.parametrize(
+    ("sent", "to_group", "code"),
+    [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stopped_job_says_what_is_saved_and_how_to_finish(
+    tiny_run, tmp_path, sent, to_group, code
+):
+    """Ctrl-C reaches the terminal's whole process group; a scheduler's SIGTERM the driver."""
+    write_archive(tmp_path / "archive")
+    partial = tmp_path / ".scored.partial"
+    command = score_command(tiny_run / "model", tmp_path / "archive", tmp_path / "scored")
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(partial.glob("part-*.parquet"))) < 2:
+            assert job.poll() is None and time.monotonic() < deadline, "the job wrote no parts"
+            time.sleep(0.05)
+        os.killpg(job.pid, sent) if to_group else job.send_signal(sent)
+        _, err = job.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group left no one behind
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert job.returncode == code, err
+    stopped = re.search(
+        rf"Stopped: (\d+) of {PARTS} parts are saved in \S+\.scored\.partial: run", err
+    )
+    assert stopped and "--resume" in err, err
+    assert int(stopped[1]) >= 2 and "Traceback" not in err
