@@ -64,9 +64,8 @@ ADDED_COLUMNS = (
     "score_error",
 )
 SUCCESS_FILE = "_SUCCESS"
-
-
 RAISED = re.compile(r"(?P<name>[A-Za-z_][\w.]*): (?P<message>.+)")  # a traceback's last line
+RESUME = "run the same command with --resume to finish it"
 
 
 class ScoringError(DataError):
@@ -392,7 +391,7 @@ def run_scoring(
             try:
                 for _ in scored.iter_batches(batch_size=None):
                     pass
-            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see ray_cluster.Terminated)
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see stopping.Terminated)
                 print(f"Stopped: {saved_parts(job)}: {RESUME}", file=sys.stderr, flush=True)
                 raise
             except Exception as error:
@@ -408,9 +407,6 @@ def run_scoring(
             shutil.rmtree(job.output)
         os.replace(job.folder, job.output)
     return summary
-
-
-RESUME = "run the same command with --resume to finish it"
 
 
 def saved_parts(job: ScoringJob) -> str:
