@@ -734,7 +734,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from spam_gpt.api_keys import read_api_keys
     from spam_gpt.model_ref import alias_of, pin_model_ref
-    from spam_gpt.server import serve_forever, use_high_throughput_ingress
+    from spam_gpt.server import require_free_port, serve_forever, use_high_throughput_ingress
     from spam_gpt.tracking import absolute_tracking_uri
 
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
@@ -750,6 +750,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     key_file = str(Path(args.api_key_file).expanduser().resolve()) if args.api_key_file else None
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         read_api_keys(key_file)  # a bad key file stops here, not in a replica
+        require_free_port(args.host, args.port)  # not in Serve's proxy, as a traceback
     pinned = pin_model_ref(args.model, tracking_uri)  # also checks that the model exists
     app_args = {
         "model": args.model if follow else pinned,  # an alias followed stays an alias

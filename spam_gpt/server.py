@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import urllib.request
 
@@ -37,6 +38,21 @@ def use_high_throughput_ingress(address: str | None) -> None:
             f"cluster, start its nodes with {settings} and leave the option out"
         )
     os.environ.update(HIGH_THROUGHPUT_ENV)
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Refuse a port that something here listens on already: Serve's proxy would find it
+    taken after Ray has started, and fail with a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"--port {port}: {host}:{port} is taken ({error.strerror}); stop what "
+                "listens there, or pass another --port"
+            ) from None
 
 
 def wait_until_healthy(url: str, timeout: float = 300) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import random
 import re
 import socket
 import subprocess
@@ -139,9 +140,16 @@ def http_folder():
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768 up), so that no process Ray starts
+    (each binds several ports of that range) takes it before the test's server does."""
+    while True:
+        port = random.randrange(20_000, 32_000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_for_http(

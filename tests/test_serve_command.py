@@ -101,3 +101,17 @@ def test_a_missing_key_file_stops_serve_before_ray_starts(tiny_run, tmp_path, ca
     assert main(["serve", "--model", str(tiny_run / "model"), "--api-key-file", str(missing)])
     assert f"cannot read the API key file {missing}" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_a_port_something_listens_on_is_refused_before_ray_starts(tiny_run, capsys):
+    import socket
+
+    import ray
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_run / "model"), "--port", str(port)]) == 2
+    assert f"--port {port}: 127.0.0.1:{port} is taken" in capsys.readouterr().err
+    assert not ray.is_initialized()
