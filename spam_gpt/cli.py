@@ -549,12 +549,16 @@ def train_on_ray(args: argparse.Namespace) -> int:
     print(f"MLflow run {job.run_id} in experiment {job.experiment!r} at {job.tracking_uri}")
     try:
         metrics = run_job(job, inputs, plan, weights)
-    except TrainingFailedError as error:
+    except (TrainingFailedError, KeyboardInterrupt) as error:  # Ctrl-C, SIGTERM
+        stopped = isinstance(error, KeyboardInterrupt)
+        ended = "stopped" if stopped else f"failed ({type(error).__name__})"
         print(
-            f"spam-gpt train: training failed ({type(error).__name__}); continue it with "
-            f"`spam-gpt train --resume {job.output}`",
+            f"spam-gpt train: training {ended}; continue it with `spam-gpt train --resume "
+            f"{job.output}`",
             file=sys.stderr,
         )
+        if stopped:
+            raise
         return 1
     print_summary(metrics)
     print(
