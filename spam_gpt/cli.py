@@ -516,7 +516,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
         run_job,
         weights_for_workers,
     )
-    from spam_gpt.tracking import absolute_tracking_uri, answering
+    from spam_gpt.tracking import absolute_tracking_uri, answering, ui_for
 
     tracking_uri = answering(absolute_tracking_uri(args.tracking_uri))
     if args.resume:
@@ -563,7 +563,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
     print_summary(metrics)
     print(
         f"Model: {Path(job.output) / 'model'}\nMetrics and plots: {job.output}\n"
-        f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}"
+        f"MLflow UI: {ui_for(job.tracking_uri)}"
     )
     return 0
 

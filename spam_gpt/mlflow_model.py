@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+
+def bad_input(message: str) -> MlflowException:
+    """An error MLflow's scoring server (``mlflow models serve``) answers as a 400 saying
+    ``message``; any other exception reaches its clients as "an unexpected error"."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class SpamGptModel(PythonModel):
@@ -21,13 +29,13 @@ class SpamGptModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "text" not in model_input.columns:
-            raise ValueError(
+            raise bad_input(
                 f"input needs a 'text' column; it has {', '.join(map(str, model_input.columns))}"
             )
         texts = model_input["text"]
-        bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text]
+        bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
         if bad:
-            raise ValueError(f"rows {bad[:10]} have no text to classify (null or empty)")
+            raise bad_input(f"rows {bad[:10]} have no text to classify (null or blank)")
         from spam_gpt.classifier import is_spam_model
 
         predictions = self.predictor.predict(list(texts))

@@ -84,6 +84,14 @@ def absolute_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def ui_for(uri: str) -> str:
+    """Where to look at ``uri``'s runs: a tracking server is its own UI; a local store
+    needs ``mlflow ui`` (which, pointed at a server's address, finds no runs)."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 class NoTrackingServer(ValueError):
     """An http(s) tracking URI where no server answers."""
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from spam_gpt.cli import main
 
@@ -97,6 +98,10 @@ def test_classify_and_the_pyfunc_answer_with_the_three_labels(
     for row in predicted.itertuples():
         assert set(row.probabilities) == set(THREE_LABELS)
         assert row.probability == pytest.approx(max(row.probabilities.values()))
+    # what `mlflow models serve` answers as a 400 with this message, not "unexpected error"
+    with pytest.raises(MlflowException, match=r"rows \[1\] have no text") as refused:
+        pyfunc.predict(pd.DataFrame({"text": [CALL, "  "]}))
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_scoring_writes_the_label_and_a_struct_of_probabilities(three_class_run, tmp_path):
