@@ -7,13 +7,18 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spam_gpt import __version__, console
 from spam_gpt.config import PRESETS, TrainConfig
 from spam_gpt.precision import INFERENCE_PRECISIONS, require_cpu_for_int8
 from spam_gpt.stopping import Terminated
+
+if TYPE_CHECKING:
+    from spam_gpt.labelled import DataSpec
+    from spam_gpt.sweep import SweepSettings
 
 EXPERIMENT = "spam-gpt"
 REGISTERED_NAME = "spam-gpt"
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(summary.csv, summary.md), a plot of test accuracy per variant, and the best trial, "
         "optionally registered. Data, preset and option flags apply to every trial.",
         epilog="example:\n  spam-gpt sweep --preset tiny --grid book --epochs 2 --output "
-        "runs/book --register-as spam-best",
+        "runs/book --register-as spam-best\n  spam-gpt sweep --resume runs/book      # after "
+        "Ctrl-C, SIGTERM or a lost driver",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sweep.add_argument(
@@ -349,13 +355,19 @@ def add_trainer_options(group, cpus_help: str) -> None:
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid",
-        required=True,
         metavar="FILE.yaml|book",
         help="training options with lists of values, e.g. 'lr: [0.001, 0.0005]' and "
         "'seed: [1, 2, 3]' (every combination runs, once per seed); 'book': the book's table "
         "(trainable x token x padding)",
     )
-    parser.add_argument("--output", required=True, help="folder for the summary and each trial")
+    parser.add_argument("--output", help="folder for the summary and each trial (required)")
+    parser.add_argument(
+        "--resume",
+        metavar="OUTPUT",
+        help="continue a stopped sweep (its --output folder): finished trials are kept, the "
+        "rest run, each unfinished one from its last epoch checkpoint; other settings come "
+        "from that sweep",
+    )
     parser.add_argument(
         "--trials-at-once",
         type=int,
@@ -568,37 +580,69 @@ def train_on_ray(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class SweepLaunch:
+    """A sweep, new or resumed, ready to start once Ray is connected: ``run(inputs, plan,
+    trials_at_once)`` runs it."""
+
+    settings: SweepSettings
+    data: DataSpec | None  # None: the chapter's splits
+    trials: int
+    trials_at_once: int | None  # None: as many as the cluster's CPUs fit
+    register_as: str | None
+    run: Callable
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     import ray
 
     from spam_gpt.distributed import prepare_data
-    from spam_gpt.grid import expand_grid, load_grid
     from spam_gpt.ray_cluster import connect, require_cpus
-    from spam_gpt.sweep import SweepSettings, describe, run_sweep
-    from spam_gpt.tracking import absolute_tracking_uri, answering
+    from spam_gpt.sweep import describe, stopped_message
+    from spam_gpt.tracking import answering
 
+    sweep = resumed_sweep(args) if args.resume else new_sweep(args)
+    settings = sweep.settings
+    answering(settings.tracking_uri)
+    per_trial = settings.workers * settings.cpus_per_worker + 1  # and one for Ray Data
+    wanted = per_trial * min(sweep.trials_at_once or 1, sweep.trials)
+    connect(args.address, num_cpus=wanted, runtime_env=args.runtime_env)
+    require_cpus(wanted, "--trials-at-once x (--workers x --cpus-per-worker + 1 for Ray Data)")
+    fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
+    inputs, plan = prepare_data(sweep.data)
+    report_data(plan)
+    try:
+        result = sweep.run(inputs, plan, min(sweep.trials_at_once or fits, sweep.trials))
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM
+        print(stopped_message(settings.output), file=sys.stderr)
+        raise
+    print(describe(result, sweep.register_as))
+    output = Path(settings.output)
+    print(f"Summary: {output / 'summary.md'}, trials in {output / 'trials'}")
+    return 0 if result.best is not None else 1
+
+
+def new_sweep(args: argparse.Namespace) -> SweepLaunch:
+    """A new sweep from the command line, every setting checked before Ray starts."""
+    from spam_gpt.grid import expand_grid, load_grid
+    from spam_gpt.sweep import SweepSettings, refuse_unfinished, run_sweep
+    from spam_gpt.tracking import absolute_tracking_uri
+
+    if not (args.grid and args.output):
+        raise ValueError("--grid and --output are required (or --resume OUTPUT)")
+    if args.trials_at_once is not None and args.trials_at_once < 1:
+        raise ValueError("--trials-at-once must be at least 1")
+    refuse_unfinished(args.output)
     overrides = config_overrides(args)
     grid = load_grid(args.grid)
     trials = expand_grid(grid, args.preset, overrides)
     spec = data_spec_from_args(args)
-    tracking_uri = answering(absolute_tracking_uri(args.tracking_uri))
-    workers, cpus = args.workers or 1, args.cpus_per_worker or 1
-    per_trial = workers * cpus + 1  # and one for Ray Data's reading and tokenizing
-    if args.trials_at_once is not None and args.trials_at_once < 1:
-        raise ValueError("--trials-at-once must be at least 1")
-    wanted = per_trial * min(args.trials_at_once or 1, len(trials))
-    connect(args.address, num_cpus=wanted, runtime_env=args.runtime_env)
-    require_cpus(wanted, "--trials-at-once x (--workers x --cpus-per-worker + 1 for Ray Data)")
-    fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
-    at_once = min(args.trials_at_once or fits, len(trials))
-    inputs, plan = prepare_data(spec)
-    report_data(plan)
     settings = SweepSettings(
         output=str(Path(args.output).resolve()),
-        workers=workers,
-        cpus_per_worker=cpus,
+        workers=args.workers or 1,
+        cpus_per_worker=args.cpus_per_worker or 1,
         gpu=args.gpu,
-        tracking_uri=tracking_uri,
+        tracking_uri=absolute_tracking_uri(args.tracking_uri),
         experiment=args.experiment,
         max_failures=args.max_failures,
         data=None if spec is None else dataclasses.asdict(spec),
@@ -607,22 +651,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "grid": json.dumps(grid),
         "preset": args.preset,
         "trials": len(trials),
-        "trials_at_once": at_once,
-        "workers_per_trial": workers,
+        "workers_per_trial": settings.workers,
         **{name: value for name, value in overrides.items() if value is not None},
     }
-    result = run_sweep(
-        trials,
+
+    def run(inputs, plan, at_once: int):
+        return run_sweep(
+            trials,
+            settings,
+            inputs,
+            plan,
+            trials_at_once=at_once,
+            params={**params, "trials_at_once": at_once},
+            register_as=args.register_as,
+        )
+
+    return SweepLaunch(settings, spec, len(trials), args.trials_at_once, args.register_as, run)
+
+
+def resumed_sweep(args: argparse.Namespace) -> SweepLaunch:
+    """A stopped sweep, from what it saved in its output folder."""
+    from spam_gpt.labelled import DataSpec
+    from spam_gpt.sweep import SweepSettings, load_sweep, resume_sweep
+
+    if args.grid:
+        raise ValueError("--resume continues a sweep with its own grid and settings: drop --grid")
+    saved = load_sweep(args.resume)
+    settings = SweepSettings(**saved.settings)
+    spec = None if settings.data is None else DataSpec(**settings.data)
+    return SweepLaunch(
         settings,
-        inputs,
-        plan,
-        trials_at_once=at_once,
-        params=params,
-        register_as=args.register_as,
+        spec,
+        len(saved.trials),
+        saved.trials_at_once,
+        saved.register_as,
+        lambda inputs, plan, _: resume_sweep(saved, inputs, plan),
     )
-    print(describe(result, args.register_as))
-    print(f"Summary: {Path(args.output) / 'summary.md'}, trials in {Path(args.output) / 'trials'}")
-    return 0 if result.best is not None else 1
 
 
 def kept_epoch_note(metrics: dict) -> str:

@@ -41,7 +41,7 @@ from ray.train.v2.api.callback import UserCallback
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
 from spam_gpt.console import EpochRelay
 from spam_gpt.corpus import SPLIT_NAMES
-from spam_gpt.finetune import Workers, finetune, write_outputs
+from spam_gpt.finetune import METRICS_FILE, Workers, finetune, write_outputs
 from spam_gpt.handed_weights import (
     HandedWeights,
     cluster_has_other_nodes,
@@ -143,6 +143,8 @@ def train_worker(loop_config: dict) -> None:
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and report_again_if_final(checkpoint, rank):
+        return
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_training_state(Path(folder))
@@ -184,9 +186,29 @@ def train_worker(loop_config: dict) -> None:
             if logger:
                 logger.log_results(result.metrics, Path(folder), job.register_as, job.log_model)
             final = Checkpoint.from_directory(folder)
-        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
-        kept = result.history.val_accs[result.metrics["kept_epoch"] - 1]
-        ray.train.report({"final": True, "val_accuracy": kept, **metrics}, checkpoint=final)
+        ray.train.report(final_report(result.metrics, result.history.val_accs), checkpoint=final)
+
+
+def final_report(metrics: dict, val_accs: list[float]) -> dict:
+    """The last report of a run: its final metrics, its checkpoint scored by the kept
+    epoch's validation accuracy as the epochs' checkpoints are."""
+    scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    return {"final": True, "val_accuracy": val_accs[metrics["kept_epoch"] - 1], **scores}
+
+
+def report_again_if_final(checkpoint: Checkpoint, rank: int) -> bool:
+    """Whether ``checkpoint`` is a run's final one (outputs, no training state), reported
+    again here. A job stopped after training ended but before the driver took the outputs
+    (a sweep stopped at that moment, a driver lost) restarts from it: nothing is left to
+    train, and the outputs must reach the driver once more."""
+    with checkpoint.as_directory() as folder:
+        metrics_file = Path(folder) / METRICS_FILE
+        if not metrics_file.is_file():
+            return False
+        metrics = json.loads(metrics_file.read_text())
+    report = final_report(metrics, metrics["history"]["val_accs"])
+    ray.train.report(report, checkpoint=checkpoint if rank == 0 else None)
+    return True
 
 
 def new_job(
@@ -339,7 +361,7 @@ def run_job(
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, job.output, dirs_exist_ok=True)
     client.set_terminated(job.run_id, status="FINISHED")
-    return json.loads((Path(job.output) / "metrics.json").read_text())
+    return json.loads((Path(job.output) / METRICS_FILE).read_text())
 
 
 def connect_for_training(

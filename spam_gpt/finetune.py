@@ -271,12 +271,15 @@ def history_dict(history: TrainingHistory) -> dict:
     return dict(history.__dict__)
 
 
+METRICS_FILE = "metrics.json"
+
+
 def write_outputs(result: FinetuneResult, output_dir: str | Path) -> dict[str, Path]:
     """``model/``, ``metrics.json`` and the plots, in ``output_dir``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = save_classifier(result.classifier, result.meta, out / "model")
-    metrics_path = out / "metrics.json"
+    metrics_path = out / METRICS_FILE
     payload = {
         **result.metrics,
         "history": history_dict(result.history),

@@ -7,14 +7,20 @@ fits a ``TorchTrainer`` exactly as ``spam-gpt train --workers`` does (Tune's own
 At the end the parent run holds the summary table and plot; the best trial (validation
 accuracy, ties to fewer trainable parameters) gets its model logged in its child run, and
 registered when asked. Every trial's checkpoint stays in ``OUTPUT/trials/NN/model``.
+
+A sweep stopped part way (Ctrl-C, SIGTERM, a lost driver) continues with ``--resume
+OUTPUT``: ``OUTPUT/sweep.json`` holds its trials and settings, each finished trial its
+summary row, and an unfinished trial continues its Ray Train run (and child MLflow run)
+from its last epoch checkpoint, as ``spam-gpt train --resume`` does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -26,7 +32,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from spam_gpt import console
 from spam_gpt.config import TrainConfig
-from spam_gpt.distributed import new_job, run_job, weights_for_workers
+from spam_gpt.distributed import JOB_FILE, TrainJob, new_job, run_job, weights_for_workers
+from spam_gpt.finetune import METRICS_FILE
 from spam_gpt.grid import Trial
 from spam_gpt.handed_weights import HandedWeights
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan
@@ -38,12 +45,14 @@ from spam_gpt.sweep_summary import (
     summary_row,
     write_summary,
 )
-from spam_gpt.tracking import log_model_of_run, open_run
+from spam_gpt.tracking import PARENT_TAG, log_model_of_run, open_run
 
 SWEEP_TAG = "spam_gpt.sweep"
 # A trial's function only waits on its Ray Train run, whose workers (and Ray Data) hold the
 # CPUs; Tune needs some resource per trial, so it reserves memory rather than a CPU.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+SWEEP_FILE = "sweep.json"
+ROW_FILE = "summary.json"  # a finished trial's row, in its folder
 
 
 @dataclass
@@ -64,6 +73,58 @@ class SweepSettings:
     def trial_output(self, number: int) -> str:
         return str(Path(self.output) / "trials" / f"{number:02d}")
 
+    def trial_name(self, number: int) -> str:
+        return f"{self.name}-trial-{number:02d}"
+
+
+@dataclass
+class SavedSweep:
+    """What ``--resume`` needs to continue a sweep: its settings and every trial."""
+
+    settings: dict  # SweepSettings fields
+    trials: list[dict]  # number, variant, seed and config of each trial
+    trials_at_once: int
+    register_as: str | None
+    checksum: str  # the data's, as its split plan computed it
+    finished: bool = False
+
+    def save(self) -> None:
+        folder = Path(self.settings["output"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SWEEP_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def load_sweep(folder: str) -> SavedSweep:
+    path = Path(folder) / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume {folder}: no {SWEEP_FILE} there; pass a sweep's --output"
+        )
+    return SavedSweep(**json.loads(path.read_text()))
+
+
+def refuse_unfinished(folder: str) -> None:
+    """A new sweep would overwrite the trials of an unfinished one in ``folder``."""
+    path = Path(folder) / SWEEP_FILE
+    if path.is_file() and not json.loads(path.read_text()).get("finished"):
+        raise ValueError(
+            f"--output {folder} holds a sweep that did not finish: continue it with "
+            f"`spam-gpt sweep --resume {folder}`, or pass another --output"
+        )
+
+
+def finished_rows(settings: SweepSettings, numbers: list[int]) -> dict[int, dict]:
+    """The summary rows of this sweep's trials that finished (a stale folder of an earlier
+    sweep in the same --output does not count)."""
+    rows = {}
+    for number in numbers:
+        path = Path(settings.trial_output(number)) / ROW_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["trial_name"] == settings.trial_name(number):
+                rows[number] = saved["row"]
+    return rows
+
 
 @dataclass
 class SweepResult:
@@ -82,7 +143,7 @@ def run_trial(
     """One trial, in Tune's trial actor: a child run, a Ray Train fit, a summary row."""
     trial = config["trial"]
     cfg = TrainConfig(**trial["config"])
-    job = new_job(
+    job = started_job(settings, trial["number"]) or new_job(
         cfg,
         plan,
         output=settings.trial_output(trial["number"]),
@@ -95,14 +156,27 @@ def run_trial(
         max_failures=settings.max_failures,
         storage_path=None,
         data=None if settings.data is None else DataSpec(**settings.data),
-        name=f"{settings.name}-trial-{trial['number']:02d}",
+        name=settings.trial_name(trial["number"]),
         parent_run_id=settings.parent_run_id,
         log_model=False,  # every trial's model stays in its folder; the best is logged
     )
     metrics = run_job(
         job, inputs, plan, weights[cfg.weights], show_epochs=False, callbacks=[TuneReportCallback()]
     )
-    tune.report({"summary": summary_row(trial, job.run_id, metrics)})
+    row = summary_row(trial, job.run_id, metrics)
+    saved = {"trial_name": job.ray_name, "row": row}
+    (Path(job.output) / ROW_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+    tune.report({"summary": row})
+
+
+def started_job(settings: SweepSettings, number: int) -> TrainJob | None:
+    """This sweep's job for trial ``number`` if it started before (a resumed sweep): its
+    Ray Train run continues from its last checkpoint, in the same child MLflow run."""
+    path = Path(settings.trial_output(number)) / JOB_FILE
+    if not path.is_file():
+        return None
+    job = TrainJob(**json.loads(path.read_text()))
+    return job if job.ray_name == settings.trial_name(number) else None
 
 
 class TrialLines(tune.Callback):
@@ -163,48 +237,119 @@ def run_sweep(
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     tags = {SWEEP_TAG: "true"}
     settings.parent_run_id = open_run(client, settings.experiment, settings.name, params, tags)
+    grid = [
+        {"number": t.number, "variant": t.variant, "seed": t.seed, "config": t.config.to_dict()}
+        for t in trials
+    ]
+    saved = SavedSweep(asdict(settings), grid, trials_at_once, register_as, plan.checksum)
+    saved.save()
     print(
         f"Sweep of {len(trials)} trials, {trials_at_once} at once; MLflow run "
         f"{settings.parent_run_id} in experiment {settings.experiment!r}",
         flush=True,
     )
-    weights = {source: weights_for_workers(source) for source in {t.config.weights for t in trials}}
+    return run_trials(saved, inputs, plan, {}, tune_name=settings.name)
+
+
+def resume_sweep(saved: SavedSweep, inputs: LabelledInputs, plan: SplitPlan) -> SweepResult:
+    """Run the trials of a stopped sweep that did not finish, in its parent run."""
+    if plan.checksum != saved.checksum:
+        raise ValueError(
+            f"the data of the sweep in {saved.settings['output']} changed since it started "
+            "(its checksum differs): start a new sweep with another --output"
+        )
+    settings = SweepSettings(**saved.settings)
+    done = finished_rows(settings, [trial["number"] for trial in saved.trials])
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client.update_run(settings.parent_run_id, status="RUNNING")
+    left = len(saved.trials) - len(done)
+    print(
+        f"Sweep {settings.name}: {len(done)} of {len(saved.trials)} trials finished before; "
+        f"running the other {left}, {min(saved.trials_at_once, left)} at once; MLflow run "
+        f"{settings.parent_run_id}",
+        flush=True,
+    )
+    return run_trials(
+        saved, inputs, plan, done, tune_name=f"{settings.name}-{time.strftime('%H%M%S')}"
+    )
+
+
+def run_trials(
+    saved: SavedSweep,
+    inputs: LabelledInputs,
+    plan: SplitPlan,
+    done: dict[int, dict],
+    *,
+    tune_name: str,
+) -> SweepResult:
+    """The sweep's trials but those ``done`` (their rows), on Ray Tune; then its summary.
+
+    Ctrl-C raises at once here, as SIGTERM does: Tune's own handler would stop gracefully
+    and return as if the sweep were over, to be summarised and registered half done."""
+    settings = SweepSettings(**saved.settings)
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    sources = {trial["config"]["weights"] for trial in saved.trials}
+    weights = {source: weights_for_workers(source) for source in sources}
     trainable = tune.with_parameters(
         run_trial, settings=settings, inputs=inputs, plan=plan, weights=weights
     )
-    grid = [
-        {"number": t.number, "variant": t.variant, "seed": t.seed, "config": t.config.to_dict()}
-        for t in trials
-    ]
-    lines = TrialLines(len(trials), sys.stdout)
+    pending = [trial for trial in saved.trials if trial["number"] not in done]
+    lines = TrialLines(len(saved.trials), sys.stdout)
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
-        param_space={"trial": tune.grid_search(grid)},
+        param_space={"trial": tune.grid_search(pending)},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=trials_at_once,
+            max_concurrent_trials=saved.trials_at_once,
             trial_name_creator=trial_label,
             trial_dirname_creator=trial_label,
         ),
         run_config=tune.RunConfig(
-            name=settings.name,
+            name=tune_name,
             storage_path=str(Path(settings.output, "ray").resolve()),
             verbose=0,
             callbacks=[lines],
         ),
     )
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         with console.prints_into_log():
-            results = tuner.fit()
+            results = tuner.fit() if pending else []
     except (Exception, KeyboardInterrupt):
-        client.set_terminated(settings.parent_run_id, status="FAILED")
+        end_runs(client, settings.parent_run_id)
         raise
-    rows = []
+    rows = dict(done)
     for result in results:
         trial = result.config["trial"]
         summary = lines.rows.get(trial["number"])
         error = None if summary else str(result.error or "no result").strip().splitlines()[-1]
-        rows.append(summary if summary else failed_row(trial, error))
-    return finish_sweep(client, settings, summary_frame(rows), register_as)
+        rows[trial["number"]] = summary if summary else failed_row(trial, error)
+    outcome = finish_sweep(client, settings, summary_frame(list(rows.values())), saved.register_as)
+    saved.finished = True
+    saved.save()
+    return outcome
+
+
+def end_runs(client: MlflowClient, parent_run_id: str) -> None:
+    """Mark the sweep's run and its running trials' runs failed: their processes end with
+    this one, and nothing else would close the runs."""
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in children:
+        client.set_terminated(run.info.run_id, status="FAILED")
+    client.set_terminated(parent_run_id, status="FAILED")
+
+
+def stopped_message(output: str) -> str:
+    """What a stopped sweep says: how far it got and how to continue it."""
+    saved = load_sweep(output)
+    settings = SweepSettings(**saved.settings)
+    done = finished_rows(settings, [trial["number"] for trial in saved.trials])
+    return (
+        f"spam-gpt sweep: stopped with {len(done)} of {len(saved.trials)} trials finished; "
+        f"continue it with `spam-gpt sweep --resume {output}`"
+    )
 
 
 def finish_sweep(
@@ -233,7 +378,7 @@ def finish_sweep(
             ),
         )
         folder = Path(settings.trial_output(int(best["trial"])))
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / METRICS_FILE).read_text())
         with console.prints_into_log():
             version = log_model_of_run(client, best["run_id"], folder, register_as, metrics)
     failed = bool((frame["error"] != "").any())

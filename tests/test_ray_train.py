@@ -264,6 +264,18 @@ def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
     assert metrics["kept_epoch"] == val_accs.index(max(val_accs)) + 1
     assert metrics["validation_accuracy"] == pytest.approx(val_accs[metrics["kept_epoch"] - 1])
 
+    # Stopped after training ended, before the driver took the outputs (a lost driver, a
+    # sweep stopped then): --resume trains nothing more and delivers them.
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--tracking-uri", mlflow_server]) == 0
+    printed = capsys.readouterr().out
+    assert "Epoch " not in printed and "Test accuracy" in printed
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "model" / "model.safetensors").is_file()
+    assert only_run(client, "stop-resume").info.status == "FINISHED"
+
 
 def test_resume_names_what_it_could_not_find(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"job\.json"):

@@ -1,9 +1,21 @@
-"""`spam-gpt sweep` on a local Ray: four trials, two at once, each a Ray Train run that
-is a child of the sweep's run in a real MLflow server; the best is registered and loads."""
+"""`spam-gpt sweep` as a user runs it, each command a process with the local Ray it
+starts: four trials, two at once, each a Ray Train run that is a child of the sweep's run in
+a real MLflow server. The sweep is stopped with Ctrl-C once a trial has finished and
+continued with ``--resume``; then it must hold what an uninterrupted sweep holds, and the
+best trial is registered and loads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,17 +25,51 @@ from spam_gpt.cli import main
 
 from .conftest import CHAPTER_SPAM
 
-pytestmark = pytest.mark.usefixtures("local_ray")
-RAY_CPUS = 4  # two trials, each one worker and one CPU for Ray Data
+EXPERIMENT = "sweep"
+
+
+@dataclass
+class Sweep:
+    out: Path
+    client: MlflowClient
+    stopped: subprocess.CompletedProcess
+    again: subprocess.CompletedProcess  # a new sweep into the stopped one's --output
+    resumed: subprocess.CompletedProcess
+
+
+def sweep_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "spam_gpt.cli", "sweep", *args]
+
+
+def stop_after_a_trial(command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` and press Ctrl-C (SIGINT to its process group) once a trial has
+    finished."""
+    job = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        lines = []
+        for line in job.stdout:
+            lines.append(line)
+            assert time.monotonic() < deadline, "no trial finished"
+            if line.startswith("Trial "):
+                break
+        os.killpg(job.pid, signal.SIGINT)
+        out, err = job.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    return subprocess.CompletedProcess(command, job.returncode, "".join(lines) + out, err)
 
 
 @pytest.fixture(scope="module")
-def sweep(mlflow_server, tmp_path_factory):
+def sweep(mlflow_server, tmp_path_factory) -> Sweep:
     out = tmp_path_factory.mktemp("sweep")
     grid = out / "grid.yaml"
     grid.write_text("trainable: [all, lora]\nlr: [0.001, 0.002]\n")
-    args = [
-        "sweep",
+    command = sweep_command(
         "--preset",
         "tiny",
         "--grid",
@@ -37,19 +83,51 @@ def sweep(mlflow_server, tmp_path_factory):
         "--tracking-uri",
         mlflow_server,
         "--experiment",
-        "sweep",
+        EXPERIMENT,
         "--register-as",
         "sweep-best",
         "--output",
         str(out),
-    ]
-    assert main(args) == 0
-    return out, MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    )
+    stopped = stop_after_a_trial(command)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    resumed = subprocess.run(
+        sweep_command("--resume", str(out)), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    return Sweep(out, client, stopped, again, resumed)
+
+
+def test_ctrl_c_stops_the_sweep_and_resume_runs_only_the_trials_left(sweep):
+    stopped, out = sweep.stopped, sweep.out
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
+    said = re.search(
+        rf"stopped with (\d) of 4 trials finished; continue it with `spam-gpt sweep --resume "
+        rf"{re.escape(str(out))}`",
+        stopped.stderr,
+    )
+    assert said and int(said[1]) >= 1, stopped.stderr
+    finished = int(said[1])
+    assert sweep.again.returncode == 2 and "did not finish" in sweep.again.stderr
+    assert (
+        f"{finished} of 4 trials finished before; running the other {4 - finished}"
+        in sweep.resumed.stdout
+    )
+    before, after = (trials_done(run.stdout) for run in (stopped, sweep.resumed))
+    # the resumed sweep ran only the others (a trial may finish as Ctrl-C lands, unprinted)
+    assert 1 <= len(before) <= finished and len(after) == 4 - finished
+    assert not set(before) & set(after)
+
+
+def trials_done(stdout: str) -> list[int]:
+    """The trials a sweep's output says finished."""
+    return [int(n) for n in re.findall(r"^Trial (\d)/4 \(.*validation", stdout, re.MULTILINE)]
 
 
 def test_the_parent_run_has_four_child_runs_with_test_accuracy(sweep):
-    out, client = sweep
-    experiment = client.get_experiment_by_name("sweep")
+    out, client = sweep.out, sweep.client
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -65,7 +143,7 @@ def test_the_parent_run_has_four_child_runs_with_test_accuracy(sweep):
 
 
 def test_lora_trials_train_under_a_tenth_of_the_parameters(sweep):
-    out, _ = sweep
+    out = sweep.out
     summary = pd.read_csv(out / "summary.csv")
     lora = summary[summary["variant"].str.startswith("trainable=lora")]
     full = summary[summary["variant"].str.startswith("trainable=all")]
@@ -74,7 +152,7 @@ def test_lora_trials_train_under_a_tenth_of_the_parameters(sweep):
 
 
 def test_the_best_trial_is_registered_and_classify_loads_it(sweep, mlflow_server, capsys):
-    out, client = sweep
+    out, client = sweep.out, sweep.client
     summary = pd.read_csv(out / "summary.csv")
     ranked = summary.sort_values(
         ["validation_accuracy", "trainable_parameters", "trial"], ascending=[False, True, True]
