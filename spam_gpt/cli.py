@@ -674,9 +674,12 @@ def resumed_sweep(args: argparse.Namespace) -> SweepLaunch:
     from spam_gpt.labelled import DataSpec
     from spam_gpt.sweep import SweepSettings, load_sweep, resume_sweep
 
-    if args.grid:
-        raise ValueError("--resume continues a sweep with its own grid and settings: drop --grid")
-    saved = load_sweep(args.resume)
+    saved = load_sweep(args.resume)  # its grid and settings; ray_config.yaml's are not used
+    if saved.finished:
+        raise ValueError(
+            f"the sweep in {args.resume} finished; its summary is in "
+            f"{Path(args.resume) / 'summary.md'}"
+        )
     settings = SweepSettings(**saved.settings)
     spec = None if settings.data is None else DataSpec(**settings.data)
     return SweepLaunch(

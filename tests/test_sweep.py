@@ -99,7 +99,7 @@ def sweep(mlflow_server, tmp_path_factory) -> Sweep:
     return Sweep(out, client, stopped, again, resumed)
 
 
-def test_ctrl_c_stops_the_sweep_and_resume_runs_only_the_trials_left(sweep):
+def test_ctrl_c_stops_the_sweep_and_resume_runs_only_the_trials_left(sweep, capsys):
     stopped, out = sweep.stopped, sweep.out
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
     said = re.search(
@@ -118,6 +118,8 @@ def test_ctrl_c_stops_the_sweep_and_resume_runs_only_the_trials_left(sweep):
     # the resumed sweep ran only the others (a trial may finish as Ctrl-C lands, unprinted)
     assert 1 <= len(before) <= finished and len(after) == 4 - finished
     assert not set(before) & set(after)
+    assert main(["sweep", "--resume", str(out)]) == 2  # nothing left: not registered again
+    assert f"the sweep in {out} finished" in capsys.readouterr().err
 
 
 def trials_done(stdout: str) -> list[int]:
