@@ -533,13 +533,14 @@ def train_on_ray(args: argparse.Namespace) -> int:
     tracking_uri = answering(absolute_tracking_uri(args.tracking_uri))
     if args.resume:
         job = find_job(args.resume, tracking_uri)
-        spec, workers, cpus = job.data_spec(), job.workers, job.cpus_per_worker
+        spec, workers, cpus, gpu = job.data_spec(), job.workers, job.cpus_per_worker, job.gpu
     else:
         cfg = config_from_args(args)
         spec = data_spec_from_args(args)
         workers = args.workers or 1
         cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
-    connect_for_training(args.address, workers, cpus, args.runtime_env)
+        gpu = args.gpu
+    connect_for_training(args.address, workers, cpus, args.runtime_env, gpu)
     inputs, plan = prepare_data(spec)
     report_data(plan)
     weights = weights_for_workers((TrainConfig(**job.config) if args.resume else cfg).weights)
@@ -597,7 +598,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import ray
 
     from spam_gpt.distributed import prepare_data
-    from spam_gpt.ray_cluster import connect, require_cpus
+    from spam_gpt.ray_cluster import connect, require_cpus, require_gpus
     from spam_gpt.sweep import describe, stopped_message
     from spam_gpt.tracking import answering
 
@@ -608,6 +609,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     wanted = per_trial * min(sweep.trials_at_once or 1, sweep.trials)
     connect(args.address, num_cpus=wanted, runtime_env=args.runtime_env)
     require_cpus(wanted, "--trials-at-once x (--workers x --cpus-per-worker + 1 for Ray Data)")
+    if settings.gpu:
+        require_gpus(settings.workers * min(sweep.trials_at_once or 1, sweep.trials), "worker")
     fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
     inputs, plan = prepare_data(sweep.data)
     report_data(plan)

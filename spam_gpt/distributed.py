@@ -50,7 +50,7 @@ from spam_gpt.handed_weights import (
 )
 from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, training_datasets
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
-from spam_gpt.ray_cluster import connect, require_cpus
+from spam_gpt.ray_cluster import connect, require_cpus, require_gpus
 from spam_gpt.tracking import RunLogger, git_commit, job_of_run, job_tags, open_run
 from spam_gpt.training import TrainingHistory, say
 from spam_gpt.training_state import load_training_state, save_training_state
@@ -365,13 +365,19 @@ def run_job(
 
 
 def connect_for_training(
-    address: str | None, workers: int, cpus_per_worker: int, runtime_env: dict | None = None
+    address: str | None,
+    workers: int,
+    cpus_per_worker: int,
+    runtime_env: dict | None = None,
+    gpu: bool = False,
 ) -> None:
     """Join (or start) Ray with a CPU beyond the workers' for Ray Data, which reads and
     tokenizes while they train: without it the stream, and training, would wait forever."""
     needed = workers * cpus_per_worker + 1
     connect(address, num_cpus=needed, runtime_env=runtime_env)
     require_cpus(needed, "--workers x --cpus-per-worker plus one CPU for Ray Data")
+    if gpu:
+        require_gpus(workers, "worker")
 
 
 def prepare_data(spec: DataSpec | None) -> tuple[LabelledInputs, SplitPlan]:

@@ -119,3 +119,14 @@ def require_cpus(needed: int, what: str) -> None:
         raise ValueError(
             f"{what} needs {needed} CPUs; the Ray cluster has {available:g}; lower them"
         )
+
+
+def require_gpus(needed: int, per: str) -> None:
+    """Refuse ``--gpu`` where the cluster has too few GPUs: Ray would wait for them
+    forever (seen: a job on a machine without a GPU, silent until killed)."""
+    available = ray.cluster_resources().get("GPU", 0)
+    if needed > available:
+        raise ValueError(
+            f"--gpu needs {needed} GPU{'s' if needed > 1 else ''} (one per {per}); the Ray "
+            f"cluster has {available:g}: drop --gpu, or join a cluster with GPUs (--address)"
+        )

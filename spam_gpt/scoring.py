@@ -345,7 +345,7 @@ def run_scoring(
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from spam_gpt.ray_cluster import connect, require_cpus
+    from spam_gpt.ray_cluster import connect, require_cpus, require_gpus
 
     if overwrite and resume:
         raise ScoringError("--resume keeps a stopped job's work and --overwrite drops it; pick one")
@@ -360,6 +360,8 @@ def run_scoring(
     connect(address, num_cpus=needed, runtime_env=runtime_env)
     try:
         require_cpus(needed, "--concurrency x --cpus-per-actor")
+        if gpu:
+            require_gpus(concurrency, "actor")
     except ValueError as error:
         raise ScoringError(str(error)) from None
     total = sum(unit.rows or 0 for unit in job.manifest.units)

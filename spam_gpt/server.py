@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 from spam_gpt import console
-from spam_gpt.ray_cluster import connect
+from spam_gpt.ray_cluster import connect, require_gpus
 from spam_gpt.stopping import stop_on_sigterm
 
 APP_NAME = "spam-gpt"
@@ -98,6 +98,8 @@ def deploy(
     connect(
         address, num_cpus=cpus, runtime_env=runtime_env, metrics_port=metrics_port, dashboard=True
     )
+    if app_args.get("gpu"):
+        require_gpus(app_args.get("min_replicas") or app_args.get("replicas") or 1, "replica")
     serve.start(http_options={"host": host, "port": port})
     args = {k: v for k, v in app_args.items() if v is not None}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)

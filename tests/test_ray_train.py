@@ -24,7 +24,7 @@ from spam_gpt.distributed import find_job
 from spam_gpt.handed_weights import hand_over, local_weights
 from spam_gpt.weights import is_weights_folder
 
-from .conftest import CHAPTER_HAM, CHAPTER_SPAM
+from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port
 from .fake_hub import hub_layout, published
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -292,6 +292,27 @@ def test_a_job_without_a_cpu_for_ray_data_is_refused_before_any_work(tmp_path, c
     err = capsys.readouterr().err
     assert "plus one CPU for Ray Data needs 4 CPUs; the Ray cluster has 3" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_gpu_work_on_a_cluster_without_gpus_is_refused_at_once(tmp_path, tiny_run, capsys):
+    """Ray would wait for the GPUs forever, silently (this Ray has none)."""
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("lr: [0.001]\n")
+    messages = tmp_path / "messages.csv"
+    messages.write_text(f"text\n{CHAPTER_SPAM}\n")
+    model, out = str(tiny_run / "model"), str(tmp_path / "out")
+    commands = [
+        ("worker", ["train", "--preset", "tiny", "--workers", "1", "--output", out, *uri]),
+        ("worker", ["sweep", "--preset", "tiny", "--grid", str(grid), "--output", out, *uri]),
+        ("actor", ["score", "--model", model, "--input", str(messages), "--output", out]),
+        ("replica", ["serve", "--model", model, "--port", str(free_port())]),
+    ]
+    for per, args in commands:
+        assert main([*args, "--gpu"]) == 2, args
+        err = capsys.readouterr().err
+        assert f"--gpu needs 1 GPU (one per {per}); the Ray cluster has 0" in err, err
+    assert not list(tmp_path.glob("out*"))
 
 
 def test_pretrained_weights_are_fetched_once_for_all_workers(
