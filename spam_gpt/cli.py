@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 where its nodes start instead",
     )
     serve.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let web apps served from ORIGIN (such as https://app.example.com) call the "
+        "endpoint from the browser (CORS); repeat for more; * for any",
+    )
     add_cluster_options(serve)
     serve.add_argument(
         "--detach", action="store_true", help="deploy and return, leaving the app running"
@@ -807,6 +814,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
     from spam_gpt.api_keys import read_api_keys
+    from spam_gpt.gates import check_origins
     from spam_gpt.model_ref import alias_of, pin_model_ref
     from spam_gpt.server import require_free_port, serve_forever, use_high_throughput_ingress
     from spam_gpt.tracking import absolute_tracking_uri
@@ -825,6 +833,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         read_api_keys(key_file)  # a bad key file stops here, not in a replica
         require_free_port(args.host, args.port)  # not in Serve's proxy, as a traceback
+    check_origins(args.allow_origin or [])
     pinned = pin_model_ref(args.model, tracking_uri)  # also checks that the model exists
     app_args = {
         "model": args.model if follow else pinned,  # an alias followed stays an alias
@@ -838,6 +847,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "replicas": args.replicas,
         "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,
+        "allow_origins": args.allow_origin,
     }
     serve_forever(
         app_args,

@@ -9,12 +9,18 @@ before the 413 goes out.
 
 :class:`KeyGate` refuses protected paths without one of the API keys with a 401, before
 the body is validated: a client without a key learns nothing about its request.
+
+:class:`CrossOrigin` lets browser apps on other origins call the endpoint (CORS), when
+origins are set: it answers their preflights before the key gate, since a browser sends
+no key with a preflight.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Sequence
+
+from starlette.middleware.cors import CORSMiddleware
 
 from spam_gpt.api_keys import KeyCheck
 
@@ -105,6 +111,47 @@ class KeyGate:
 
 
 KEY_REFUSAL = "this endpoint needs an API key: send Authorization: Bearer KEY"
+
+
+class CrossOrigin:
+    """CORS for the origins of ``origins()`` (``*``: any), answering every preflight and
+    naming the origin on every answer, refusals included, so that a browser app can read
+    its 401 or 422. With no origins the endpoint answers as it would without this gate,
+    and browsers keep other origins out."""
+
+    def __init__(self, app, origins: Callable[[], Sequence[str]]):
+        self.app = app
+        self.origins = origins
+        self.cors = None  # built on the first request: the replica sets its origins first
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.cors is None:
+            origins = list(self.origins())
+            self.cors = self.app
+            if origins:
+                self.cors = CORSMiddleware(
+                    self.app,
+                    allow_origins=origins,
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["authorization", "content-type"],
+                    max_age=600,
+                )
+        await self.cors(scope, receive, send)
+
+
+def check_origins(origins: Sequence[str]) -> list[str]:
+    """``origins`` as browsers send them (scheme, host, port: no path), or an error that
+    shows the form: ``https://app.example.com/`` would match no request at all."""
+    checked = []
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not rest or "/" in rest):
+            raise ValueError(
+                f"allowed origin {origin!r}: give a browser origin, scheme and host (and "
+                "port), such as https://app.example.com or http://localhost:3000, or * for any"
+            )
+        checked.append(origin)
+    return checked
 
 
 def route_path(scope) -> str:

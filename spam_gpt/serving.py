@@ -34,7 +34,7 @@ from spam_gpt.api_models import (
     ModelInfo,
 )
 from spam_gpt.batching import PassBatcher
-from spam_gpt.gates import BodyLimit, KeyGate
+from spam_gpt.gates import BodyLimit, CrossOrigin, KeyGate, check_origins
 
 logger = logging.getLogger("ray.serve")
 
@@ -98,9 +98,11 @@ api = KeyedAPI(
     version="1.0",
 )
 # Added before the routes' class, whose ingress freezes a copy of the app. The last added
-# runs first: an oversized body is drained for its 413 before the key gate answers.
+# runs first: CORS preflights are answered before anything else looks at a request, and
+# an oversized body is drained for its 413 before the key gate answers.
 api.add_middleware(KeyGate, protected=KEYED_PATHS, key_check=lambda: api.state.key_check)
 api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+api.add_middleware(CrossOrigin, origins=lambda: api.state.allowed_origins)
 
 REFUSALS = {
     401: {"model": ErrorResponse, "description": "no API key, or a wrong one"},
@@ -196,6 +198,7 @@ class SpamClassifierService:
         device: str = "cpu",
         api_key_file: str | None = None,
         reload_interval_s: float = RELOAD_INTERVAL_S,
+        allow_origins: list[str] | None = None,
     ):
         import torch
 
@@ -206,6 +209,7 @@ class SpamClassifierService:
         torch.set_num_threads(threads)
         self.keys = KeyCheck(read_api_keys(api_key_file))
         api.state.key_check = self.keys
+        api.state.allowed_origins = check_origins(allow_origins or [])
         if not self.keys.required:
             logger.warning(
                 "spam-gpt: no API keys, the endpoint answers anyone who reaches it "
@@ -304,11 +308,13 @@ def build_app(args: dict):
     ``args`` keys: model (required), tracking_uri, precision, max_batch_size, threads,
     replicas or min_replicas/max_replicas, gpu, max_ongoing_requests (per replica, default
     64), api_key_file (a path on every node, such as a mounted secret), reload_interval_s
-    (how often a ``models:/NAME@ALIAS`` model checks its alias; 0: never).
+    (how often a ``models:/NAME@ALIAS`` model checks its alias; 0: never), allow_origins
+    (browser origins that may call the endpoint, CORS; ``["*"]``: any).
     """
     args = dict(args)
     if "model" not in args:
         raise ValueError("the serve config needs args.model (a checkpoint or MLflow reference)")
+    check_origins(args.get("allow_origins") or [])  # here, not in every replica
     if args.pop("batch_wait_timeout_s", None) is not None:
         logger.warning(
             "spam-gpt: batch_wait_timeout_s is no longer used (batches form while a pass "

@@ -115,3 +115,13 @@ def test_a_port_something_listens_on_is_refused_before_ray_starts(tiny_run, caps
         assert main(["serve", "--model", str(tiny_run / "model"), "--port", str(port)]) == 2
     assert f"--port {port}: 127.0.0.1:{port} is taken" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("origin", ["https://app.example.com/", "app.example.com"])
+def test_an_origin_no_browser_sends_is_refused_before_ray_starts(tiny_run, capsys, origin):
+    import ray
+
+    args = ["serve", "--model", str(tiny_run / "model"), "--port", str(free_port())]
+    assert main([*args, "--allow-origin", origin]) == 2
+    assert f"allowed origin {origin!r}: give a browser origin" in capsys.readouterr().err
+    assert not ray.is_initialized()

@@ -22,6 +22,7 @@ from spam_gpt.server import deploy, use_high_throughput_ingress
 from .conftest import CHAPTER_HAM, CHAPTER_SPAM, free_port, haproxy_running
 
 KEY = "test-key-7f3a"  # from a key file behind Serve's proxy, from the environment behind HAProxy
+APP = "https://app.example.com"  # a web app's origin allowed to call the endpoint (CORS)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["serve-proxy", "haproxy"])
@@ -32,7 +33,7 @@ def service(request, tiny_run, tmp_path_factory):
     import ray
     from ray import serve
 
-    args = {"model": str(tiny_run / "model"), "max_batch_size": 8}
+    args = {"model": str(tiny_run / "model"), "max_batch_size": 8, "allow_origins": [APP]}
     with mock.patch.dict(os.environ):  # the variables set here leave with this Ray
         if request.param:
             use_high_throughput_ingress(address=None)
@@ -73,6 +74,39 @@ def call(url: str, path: str, body: bytes | None = None, headers: dict | None = 
 
 def post(url: str, path: str, payload) -> tuple[int, object]:
     return call(url, path, json.dumps(payload).encode())
+
+
+def exchange(url: str, method: str, path: str, headers: dict, body: bytes | None = None):
+    """(status, headers with lower-case names) of one request."""
+    request = urllib.request.Request(url + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}
+
+
+def test_a_web_app_on_an_allowed_origin_can_call_it_from_the_browser(service):
+    """What a browser does for a page served from APP: a preflight, which carries no key,
+    then the call; the answer, a refusal too, must name APP for the page to read it."""
+    asks = {
+        "Origin": APP,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    status, headers = exchange(service, "OPTIONS", "/classify", asks)
+    assert status == 200 and headers["access-control-allow-origin"] == APP
+    allowed = headers["access-control-allow-headers"].lower().replace(" ", "").split(",")
+    assert {"authorization", "content-type"} <= set(allowed)
+    assert "POST" in headers["access-control-allow-methods"]
+    body = json.dumps({"text": CHAPTER_SPAM}).encode()
+    for key, expected in ((KEY, 200), ("wrong-key", 401)):
+        sent = {"Origin": APP, "Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        status, headers = exchange(service, "POST", "/classify", sent, body)
+        assert status == expected and headers["access-control-allow-origin"] == APP
+    stranger = {**asks, "Origin": "https://elsewhere.example"}
+    status, headers = exchange(service, "OPTIONS", "/classify", stranger)
+    assert status == 400 and "access-control-allow-origin" not in headers
 
 
 def test_classify_one_message(service):
