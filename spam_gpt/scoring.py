@@ -43,6 +43,9 @@ from spam_gpt.scoring_units import (
     write_part,
 )
 from spam_gpt.sources import (
+    COMPRESSED_SUFFIXES,
+    OTHER_FORMATS,
+    TEXT_SUFFIXES,
     DataError,
     ParquetFooters,
     SourceFile,
@@ -254,6 +257,25 @@ def input_schema(files: list[SourceFile], footers: ParquetFooters | None) -> pa.
     return pa.schema([(name, pa.string()) for name in names])
 
 
+FILE_SUFFIXES = (*TEXT_SUFFIXES, *COMPRESSED_SUFFIXES, ".txt", *OTHER_FORMATS)
+
+
+def refuse_file_name(output: str) -> None:
+    """The output is a folder of Parquet parts: ``--output scored.csv`` would get a folder
+    of that name holding Parquet, which no CSV reader opens."""
+    path = output.rstrip("/")
+    folder = path
+    while (suffix := "." + folder.rsplit(".", 1)[-1].lower()) in FILE_SUFFIXES:
+        folder = folder[: -len(suffix)]
+    if folder != path:
+        raise ScoringError(
+            f"--output {output}: the output is a folder of Parquet files (parts, "
+            f"_manifest.json, _SUCCESS), not a {path[len(folder) :]} file; name a folder such "
+            f"as {folder} (pandas converts it afterwards, for example "
+            f"pd.read_parquet('{folder}').to_csv('{folder}.csv', index=False))"
+        )
+
+
 def plan_job(
     model: str,
     inputs: list[str],
@@ -263,6 +285,7 @@ def plan_job(
     tracking_uri: str | None,
 ) -> ScoringJob:
     """The job's units, schema and folders, every input error found before Ray starts."""
+    refuse_file_name(output)
     try:
         paths, fmt = expand_inputs(inputs)
         footers = ParquetFooters.of(paths) if fmt == "parquet" else None

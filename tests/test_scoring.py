@@ -248,6 +248,15 @@ def test_a_job_the_cluster_cannot_schedule_is_refused(tiny_run, tmp_path):
         )
 
 
+@pytest.mark.parametrize("name", ["scored.csv", "scored.jsonl", "scored.csv.gz"])
+def test_an_output_named_as_a_file_of_another_format_is_refused(tiny_run, tmp_path, name):
+    """The output is a folder of Parquet parts; under a .csv name no CSV reader opens it."""
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "in.parquet")
+    with pytest.raises(ScoringError, match=r"is a folder of Parquet files .* such as \S+/scored"):
+        run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / name))
+    assert [p.name for p in tmp_path.iterdir()] == ["in.parquet"]
+
+
 def scored_rows(output: Path) -> list[dict]:
     return sorted(pq.read_table(output).to_pylist(), key=lambda row: row["id"])
 
