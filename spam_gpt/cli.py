@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(evaluate)
     add_data_options(evaluate)
+    evaluate.add_argument(
+        "--every-row",
+        action="store_true",
+        help="score every row of --data (messages the model never trained on, such as a "
+        "newly labelled batch) instead of the test split `spam-gpt train` would cut from them",
+    )
 
     score = commands.add_parser(
         "score",
@@ -523,8 +530,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def train_on_ray(args: argparse.Namespace) -> int:
-    import os
-
     from ray.train import TrainingFailedError
 
     from spam_gpt.distributed import (
@@ -724,9 +729,14 @@ def print_summary(metrics: dict) -> None:
             f"Spam precision {metrics['spam_precision'] * 100:.2f}%, "
             f"recall {metrics['spam_recall'] * 100:.2f}%, F1 {metrics['spam_f1'] * 100:.2f}%"
         )
+    print_scores(metrics, "support (test)")
+
+
+def print_scores(metrics: dict, support: str) -> None:
+    """The per-label table and macro F1."""
     per_class = metrics["per_class"]
     width = max(len("label"), *(len(label) for label in per_class))
-    print(f"{'label':<{width}}  precision  recall      F1  support (test)")
+    print(f"{'label':<{width}}  precision  recall      F1  {support}")
     for label, scores in per_class.items():
         print(
             f"{label:<{width}}  {scores['precision']:>9.2%}  {scores['recall']:>6.2%}  "
@@ -761,16 +771,29 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from spam_gpt.evaluation import evaluate_predictor
-    from spam_gpt.labelled import labelled_inputs, load_in_process
+    from spam_gpt.labelled import labelled_inputs, load_every_row, load_in_process, skipped_line
     from spam_gpt.model_ref import load_predictor
 
+    if args.every_row and not args.data:
+        raise ValueError("--every-row scores the rows of --data: give --data")
+    if args.every_row and (args.split_column or args.test_data):
+        raise ValueError("--every-row uses every row: drop --split-column and --test-data")
     predictor = load_predictor(args.model, args.tracking_uri, precision=args.precision)
     inputs = labelled_inputs(data_spec_from_args(args))._replace(
         fixed_labels=list(predictor.meta.labels)
     )
-    plan, frames = load_in_process(inputs, labels_origin="the model's labels")
-    report_data(plan)
-    print_summary(evaluate_predictor(predictor, frames))
+    if not args.every_row:
+        plan, frames = load_in_process(inputs, labels_origin="the model's labels")
+        report_data(plan)
+        print_summary(evaluate_predictor(predictor, frames))
+        return
+    rows, stats = load_every_row(inputs, list(predictor.meta.labels))
+    print(f"Data: {len(rows):,} rows, evaluated as one set")
+    if skipped := skipped_line(stats.skipped, stats.rows, stats.skipped_examples):
+        print(skipped)
+    metrics = evaluate_predictor(predictor, {"test": rows})
+    print(f"Accuracy: {metrics['test_accuracy']:.2%}")
+    print_scores(metrics, "support")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -811,8 +834,6 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
     from spam_gpt.api_keys import read_api_keys
     from spam_gpt.gates import check_origins
     from spam_gpt.model_ref import alias_of, pin_model_ref
@@ -893,6 +914,9 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what was saved is said there
         print(f"spam-gpt {args.command}: stopped", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    except BrokenPipeError:  # `spam-gpt classify … | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
 
 
 def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -340,14 +340,11 @@ class ScanStats:
         return self
 
 
-def scan_source(
-    source: Source, columns: Columns, split: str | None, fractions, seed: int
-) -> ScanStats:
-    """Count one input's rows per split and label, their lengths in tokens, and the rows
-    that must be skipped; remember nothing else."""
-    stats = ScanStats()
-    digest = hashlib.sha256()
-    bounds = fixed_bounds(fractions)
+def counted_rows(
+    source: Source, columns: Columns, split: str | None, stats: ScanStats
+) -> Iterator[list[Row]]:
+    """The usable rows of ``source``, a batch at a time; every row counted in ``stats``,
+    and the skipped ones named there."""
     offset = 0
     for table in source_batches(source, columns):
         rows, skipped = usable_rows(table, columns, split, offset)
@@ -356,9 +353,32 @@ def scan_source(
         stats.skipped += len(skipped)
         room = SKIPPED_EXAMPLES - len(stats.skipped_examples)
         stats.skipped_examples += [f"{row_place(source, i)} ({why})" for i, why in skipped[:room]]
-        lengths = token_counts([row.text for _, row in rows])
+        yield [row for _, row in rows]
+
+
+def skipped_line(skipped: int, rows: int, examples: list[str]) -> str | None:
+    """One line saying which rows were left out, or None if none were."""
+    if not skipped:
+        return None
+    more = ", …" if skipped > len(examples) else ""
+    return (
+        f"Skipped {skipped:,} of {rows:,} rows with a null or blank text or a null label: "
+        f"{'; '.join(examples)}{more}"
+    )
+
+
+def scan_source(
+    source: Source, columns: Columns, split: str | None, fractions, seed: int
+) -> ScanStats:
+    """Count one input's rows per split and label, their lengths in tokens, and the rows
+    that must be skipped; remember nothing else."""
+    stats = ScanStats()
+    digest = hashlib.sha256()
+    bounds = fixed_bounds(fractions)
+    for rows in counted_rows(source, columns, split, stats):
+        lengths = token_counts([row.text for row in rows])
         hashed: dict[str, tuple[list[int], list[int]]] = {}
-        for (_, row), length in zip(rows, lengths):
+        for row, length in zip(rows, lengths):
             digest.update(f"{row.label}\t{row.text}\n".encode())
             if row.split is None:
                 keys, sizes = hashed.setdefault(row.label, ([], []))
@@ -401,14 +421,7 @@ class SplitPlan:
 
     def skipped_line(self) -> str | None:
         """One line saying which rows were left out, or None if none were."""
-        if not self.skipped:
-            return None
-        shown = "; ".join(self.skipped_examples)
-        more = ", …" if self.skipped > len(self.skipped_examples) else ""
-        return (
-            f"Skipped {self.skipped:,} of {self.rows:,} rows with a null or blank text or a "
-            f"null label: {shown}{more}"
-        )
+        return skipped_line(self.skipped, self.rows, self.skipped_examples)
 
     def describe(self) -> str:
         sizes = ", ".join(f"{split} {self.split_rows(split):,}" for split in SPLIT_NAMES)
@@ -596,6 +609,35 @@ def scan_in_process(inputs: LabelledInputs) -> ScanStats:
             )
             stats.merge(scanned)
     return stats
+
+
+def load_every_row(inputs: LabelledInputs, labels: list[str]) -> tuple[pd.DataFrame, ScanStats]:
+    """Every usable row as ``Text`` and ``Label`` (an index into ``labels``, a model's),
+    whichever split training would put it in, and what was skipped (``rows``,
+    ``skipped``, ``skipped_examples``): for messages a model never trained on, which need
+    no split and may hold a single label."""
+    index = {label: i for i, label in enumerate(labels)}
+    texts, found, outside, stats = [], [], Counter(), ScanStats()
+    for part, columns in zip(inputs.parts, inputs.columns):
+        for source in part.sources:
+            for rows in counted_rows(source, columns, part.split, stats):
+                for row in rows:
+                    if row.label in index:
+                        texts.append(row.text)
+                        found.append(index[row.label])
+                    else:
+                        outside[row.label] += 1
+    if outside:
+        count = sum(outside.values())
+        raise DataError(
+            f"{count:,} {'row has a label' if count == 1 else 'rows have labels'} the model "
+            "does not know "
+            f"({', '.join(sorted(outside))}; it knows {', '.join(labels)}): remove those rows, "
+            "or train a model on them"
+        )
+    if not texts:
+        raise DataError("the data has no row with both a text and a label")
+    return pd.DataFrame({"Label": found, "Text": texts}), stats
 
 
 def split_rows(

@@ -22,6 +22,7 @@ from spam_gpt.labelled import (
     parse_fractions,
     split_sizes,
 )
+from spam_gpt.predictor import Predictor
 from spam_gpt.sources import DataError
 from spam_gpt.tokenizer import encode_text
 
@@ -321,6 +322,21 @@ def test_three_classes_train_in_process_and_classify(three_class_data, tmp_path,
     err = capsys.readouterr().err
     assert "label(s) 'newsletter' (240 rows) are not among the model's labels" in err
     assert "remove those rows, or train a model on them" in err
+
+    # A newly labelled batch, all of one label, with a row that has no text: every row
+    # counts (no split), the row without text is named.
+    batch = three_class_frame().query("label == 'other spam'")
+    batch = pd.concat([batch, pd.DataFrame({"text": [None], "label": ["other spam"]})])
+    batch.to_parquet(tmp_path / "batch.parquet")
+    args = ["evaluate", "--model", str(out / "model"), "--data", str(tmp_path / "batch.parquet")]
+    assert main([*args, "--every-row"]) == 0
+    printed = capsys.readouterr().out
+    texts = batch["text"].dropna().tolist()
+    predicted = [p.label for p in Predictor.from_checkpoint(out / "model").predict(texts)]
+    right = sum(label == "other spam" for label in predicted) / len(texts)
+    assert f"Data: {len(texts)} rows, evaluated as one set" in printed
+    assert f"Skipped 1 of {len(batch)} rows" in printed and "(text is null)" in printed
+    assert f"Accuracy: {right:.2%}" in printed
 
 
 def test_what_ray_datas_processes_import_pulls_in_no_torch():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -273,6 +275,20 @@ def test_classify_reads_one_message_per_line_from_standard_input(tiny_run, capsy
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["classify", "--model", model, "-"]) == 2
     assert "standard input holds no messages" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tiny_run):
+    """`spam-gpt classify - < messages.txt | head -1`: head leaves after its line."""
+    command = [sys.executable, "-m", "spam_gpt.cli", "classify", "--model", str(tiny_run / "model")]
+    job = subprocess.Popen(
+        [*command, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    job.stdin.write(f"{CHAPTER_SPAM}\n".encode() * 20000)
+    job.stdin.close()
+    assert job.stdout.readline().startswith(b"spam\t")
+    job.stdout.close()
+    assert job.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert job.stderr.read() == b""
 
 
 def test_bf16_precision_agrees_with_fp32(tiny_run):
