@@ -134,6 +134,27 @@ def hub_answers(timeout: float = 5) -> bool:
     return True
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def not_a_weights_folder(path: Path) -> str:
+    """What ``path`` lacks to be a weights folder, and how to get there."""
+    layout = "point --weights at a folder laid out like a Hugging Face GPT-2 repository"
+    if path.is_file():
+        return f"{path} is a file; {layout} (config.json and {SINGLE_FILE})"
+    if not (path / CONFIG_FILE).is_file():
+        return f"{path} has no {CONFIG_FILE}; {layout}"
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return (
+            f"{path} holds its weights as {', '.join(pickles)}, a PyTorch pickle, which "
+            f"spam-gpt does not load (unpickling runs code); write them as {SINGLE_FILE}, for "
+            f'example with transformers: python -c "from transformers import GPT2LMHeadModel '
+            f"as M; M.from_pretrained('{path}').save_pretrained('{path}')\""
+        )
+    return f"{path} has no {SINGLE_FILE}; {layout}"
+
+
 def resolve_weights(source: str) -> Path:
     """A folder holding HF-layout weights for ``source`` (a path or a Hub reference)."""
     path = Path(source).expanduser()
@@ -141,10 +162,7 @@ def resolve_weights(source: str) -> Path:
         if is_weights_folder(path):
             check_gpt2_config(path / CONFIG_FILE, str(path))
             return path
-        raise WeightsNotFound(
-            f"{path} has no config.json with model.safetensors; point --weights at a folder "
-            "laid out like a Hugging Face GPT-2 repository"
-        )
+        raise WeightsNotFound(not_a_weights_folder(path))
     repo, revision = hub_reference(source)
     try:
         return fetch_weight_files(repo, revision, local_only=not hub_answers())

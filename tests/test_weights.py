@@ -273,8 +273,11 @@ def test_a_folder_without_weights_is_refused(tmp_path):
     with pytest.raises(WeightsNotFound, match=r"no config\.json"):
         resolve_weights(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(WeightsNotFound, match=r"no config\.json with model\.safetensors"):
+    with pytest.raises(WeightsNotFound, match=r"has no model\.safetensors"):
         resolve_weights(str(tmp_path))  # a config alone is not a checkpoint
+    (tmp_path / "pytorch_model.bin").write_bytes(b"a pickle, never opened")
+    with pytest.raises(WeightsNotFound, match=r"pytorch_model\.bin, a PyTorch pickle, which"):
+        resolve_weights(str(tmp_path))  # what older downloads hold: named, with a way out
 
 
 def sharded(scaled_gpt2_dir: Path, folder: Path) -> dict[str, bytes]:
@@ -402,8 +405,8 @@ def test_each_failure_says_what_to_do_in_full(scaled_gpt2_dir, tmp_path, hub, mo
     folder = tmp_path / "empty"
     folder.mkdir()
     assert message_of(str(folder)) == (
-        f"{folder} has no config.json with model.safetensors; point --weights at a folder "
-        "laid out like a Hugging Face GPT-2 repository"
+        f"{folder} has no config.json; point --weights at a folder laid out like a Hugging "
+        "Face GPT-2 repository"
     )
 
 
