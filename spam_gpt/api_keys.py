@@ -28,7 +28,7 @@ def read_api_keys(key_file: str | None = None, environ: dict | None = None) -> l
     if key_file:
         path = Path(key_file).expanduser()
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # Notepad adds a BOM
         except (OSError, UnicodeDecodeError) as error:
             raise ApiKeyError(f"cannot read the API key file {path}: {error}") from None
         from_file = [line.strip() for line in lines]

@@ -13,6 +13,8 @@ def test_keys_come_from_the_file_and_the_environment(tmp_path):
     keys = read_api_keys(str(key_file), {KEYS_VARIABLE: "gamma, delta,"})
     assert sorted(keys) == ["alpha-key", "beta-key", "delta", "gamma"]
     assert read_api_keys(None, {}) == []  # no keys: an open endpoint
+    key_file.write_text("\ufeffalpha-key\r\nbeta-key\r\n", encoding="utf-8")  # Windows Notepad
+    assert read_api_keys(str(key_file), {}) == ["alpha-key", "beta-key"]
 
 
 @pytest.mark.parametrize(
