@@ -503,7 +503,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     plan, frames = load_in_process(labelled_inputs(data_spec_from_args(args)))
     report_data(plan)
-    result = finetune(cfg, InMemoryData(frames, plan.labels))
+    try:
+        result = finetune(cfg, InMemoryData(frames, plan.labels))
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM
+        print(
+            "spam-gpt train: nothing was saved: training in this process keeps no checkpoints "
+            "(with --workers 1 it runs on Ray Train, which keeps one per epoch and continues "
+            "with --resume)",
+            file=sys.stderr,
+        )
+        raise
     outputs = write_outputs(result, args.output)
     print_summary(result.metrics)
     print(f"Model: {outputs['model']}\nMetrics and plots: {Path(args.output)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -275,6 +276,26 @@ def test_classify_reads_one_message_per_line_from_standard_input(tiny_run, capsy
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["classify", "--model", model, "-"]) == 2
     assert "standard input holds no messages" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_process_says_nothing_was_saved_and_where_checkpoints_are(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "spam_gpt.cli", "train", "--preset", "tiny"]
+    job = subprocess.Popen(
+        [*command, "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    for line in job.stdout:  # Ctrl-C once training runs
+        if line.startswith("Ep 1"):
+            break
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130 and "Traceback" not in err, err
+    assert "nothing was saved" in err and "--workers 1" in err
+    assert not out.exists()
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tiny_run):
