@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--input", required=True, nargs="+", metavar="IN", help="input paths")
     score.add_argument("--output", required=True, help="output folder of Parquet files")
     score.add_argument(
-        "--text-column", help="column with the messages (default: 'text', or 'Text')"
+        "--text-column",
+        help="column with the messages (default: 'text', or 'Text'); A.B for field B of a "
+        "struct column A",
     )
     score.add_argument("--batch-size", type=int, default=512, help="rows per batch (512)")
     score.add_argument(

@@ -22,10 +22,12 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
 
@@ -93,6 +95,56 @@ def is_text_type(kind: pa.DataType) -> bool:
     )
 
 
+def text_column_of(schema: pa.Schema, requested: str | None) -> str:
+    """The text column, or a field nested in struct columns (``payload.text``), as
+    pipelines that land JSON events in Parquet store messages. A column whose own name
+    holds the dots wins."""
+    if requested is None:
+        try:
+            return resolve_column(schema.names, None, "text", "--text-column")
+        except DataError as error:
+            nested = [path for path in struct_fields(schema) if path.lower().endswith(".text")]
+            hint = f" (such as --text-column {nested[0]}, a field of a struct)" if nested else ""
+            raise DataError(f"{error}{hint}") from None
+    if requested in schema.names or "." not in requested:
+        return resolve_column(schema.names, requested, "text", "--text-column")
+    check_nested_field(schema, requested)
+    return requested
+
+
+def struct_fields(fields, prefix: str = "") -> Iterator[str]:
+    """The dotted paths of every field nested in struct columns."""
+    for field in fields:
+        if pa.types.is_struct(field.type):
+            yield from struct_fields(field.type, f"{prefix}{field.name}.")
+        elif prefix:
+            yield f"{prefix}{field.name}"
+
+
+def check_nested_field(schema: pa.Schema, path: str) -> None:
+    """Refuse ``a.b.c`` unless each step is a field of a struct, naming the fields there."""
+    top, *names = path.split(".")
+    kind = schema.field(resolve_column(schema.names, top, "text", "--text-column")).type
+    for depth, name in enumerate(names):
+        fields = [field.name for field in kind] if pa.types.is_struct(kind) else []
+        if name not in fields:
+            parent = ".".join([top, *names[:depth]])
+            holds = f"its fields: {', '.join(fields)}" if fields else f"it is {kind}"
+            raise DataError(f"--text-column {path}: {parent} has no field {name!r} ({holds})")
+        kind = kind.field(name).type
+
+
+def text_values(table: pa.Table, column: str) -> pa.ChunkedArray:
+    """The column ``column``, or the field it names in struct columns (``a.b``)."""
+    if column in table.column_names:
+        return table.column(column)
+    top, *path = column.split(".")
+    values = table.column(top)
+    for name in path:
+        values = pc.struct_field(values, name)
+    return values
+
+
 def message_texts(column: pa.ChunkedArray) -> tuple[list[str | None], list[str | None]]:
     """The messages of a text column, and per row why it cannot be scored (or None)."""
     rows = len(column)
@@ -120,7 +172,7 @@ def score_table(
     predictor: Predictor, table: pa.Table, text_column: str, model_ref: str
 ) -> pa.Table:
     """``table`` with the result columns appended, row for row."""
-    texts, errors = message_texts(table.column(text_column))
+    texts, errors = message_texts(text_values(table, text_column))
     valid = [i for i, text in enumerate(texts) if text is not None]
     predictions: list[Prediction | None] = [None] * table.num_rows
     for i, prediction in zip(valid, predictor.predict([texts[i] for i in valid])):
@@ -293,7 +345,7 @@ def plan_job(
         if not files:
             raise DataError(f"--input {' '.join(inputs)} holds no {fmt} files")
         schema = input_schema(files, footers)
-        column = resolve_column(schema.names, text_column, "text", "--text-column")
+        column = text_column_of(schema, text_column)
     except DataError as error:
         raise ScoringError(str(error)) from None
     clashes = [c for c in ADDED_COLUMNS if c in schema.names]

@@ -277,6 +277,28 @@ def test_every_writers_text_type_is_read(tiny_run, tmp_path, kind):
     assert [row["score_error"] for row in rows] == [None, None, "text is null"]
 
 
+def test_a_message_in_a_struct_column_is_scored_and_the_struct_kept(tiny_run, tmp_path):
+    """JSON events landed in Parquet: the message is a field of a struct column."""
+    events = [
+        {"body": {"text": CHAPTER_SPAM}, "lang": "en"},
+        None,
+        {"body": None, "lang": "en"},
+        {"body": {"text": CHAPTER_HAM}, "lang": "en"},
+    ]
+    table = pa.table({"id": [0, 1, 2, 3], "event": pa.array(events)})
+    pq.write_table(table, tmp_path / "in.parquet")
+    model, inputs = str(tiny_run / "model"), [str(tmp_path / "in.parquet")]
+    with pytest.raises(ScoringError, match=r"such as --text-column event\.body\.text, a field"):
+        run_scoring(model, inputs, str(tmp_path / "refused"))
+    with pytest.raises(ScoringError, match=r"event\.body has no field 'txt' \(its fields: text\)"):
+        run_scoring(model, inputs, str(tmp_path / "refused"), text_column="event.body.txt")
+    run_scoring(model, inputs, str(tmp_path / "out"), text_column="event.body.text")
+    rows = scored_rows(tmp_path / "out")
+    assert [row["label"] for row in rows] == ["spam", None, None, "not spam"]
+    assert [row["score_error"] for row in rows] == [None, "text is null", "text is null", None]
+    assert [row["event"] for row in rows] == events  # the input column as it was
+
+
 def test_bytes_that_are_not_utf8_are_flagged(tiny_run, tmp_path):
     column = pa.array([CHAPTER_SPAM.encode(), b"\xff\xfe caf\xe9"], pa.binary())
     pq.write_table(pa.table({"id": [0, 1], "text": column}), tmp_path / "in.parquet")
