@@ -19,7 +19,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -163,7 +163,11 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
 @api.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """Starlette's and FastAPI's refusals (unknown path, method, unreadable body) in the
-    shape of every other error: ``error`` says what to do."""
+    shape of every other error: ``error`` says what to do. ``OPTIONS`` on a path that
+    exists says what it takes (HAProxy's default health check is ``OPTIONS /``)."""
+    if error.status_code == 405 and request.method == "OPTIONS":
+        allowed = (error.headers or {}).get("Allow", "")
+        return Response(status_code=204, headers={"Allow": f"{allowed}, OPTIONS".lstrip(", ")})
     where = f"{request.method} {request.url.path}"
     reasons = {
         400: "the body is not readable JSON (it must be UTF-8, uncompressed, and nested "

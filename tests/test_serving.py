@@ -343,6 +343,10 @@ def test_wrong_method_and_path_are_4xx_that_say_what_to_do(service):
     head = urllib.request.Request(service + "/healthz", method="HEAD")  # load balancers' check
     with urllib.request.urlopen(head, timeout=60) as response:
         assert response.status == 200 and response.read() == b""
+    status, headers = exchange(service, "OPTIONS", "/", {})  # HAProxy's default check
+    assert status == 204 and headers["allow"] == "GET, OPTIONS"
+    status, headers = exchange(service, "OPTIONS", "/healthz", {})
+    assert status == 204 and headers["allow"] == "GET, HEAD, OPTIONS"
     status, _ = call(service, "/classify", b'{"text": "hi"}', headers={"Content-Length": "x"})
     assert 400 <= status < 500
 
