@@ -548,6 +548,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
         find_job,
         new_job,
         prepare_data,
+        refuse_finished,
         run_job,
         weights_for_workers,
     )
@@ -556,6 +557,7 @@ def train_on_ray(args: argparse.Namespace) -> int:
     tracking_uri = answering(absolute_tracking_uri(args.tracking_uri))
     if args.resume:
         job = find_job(args.resume, tracking_uri)
+        refuse_finished(job)
         spec, workers, cpus, gpu = job.data_spec(), job.workers, job.cpus_per_worker, job.gpu
     else:
         cfg = config_from_args(args)

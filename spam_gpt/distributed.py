@@ -302,6 +302,17 @@ def find_job(reference: str, tracking_uri: str) -> TrainJob:
     return TrainJob(**{**fields, "run_id": reference})
 
 
+def refuse_finished(job: TrainJob) -> None:
+    """A finished job whose outputs are in place has nothing to resume (a job that
+    finished after its driver was lost does: its outputs come over once more)."""
+    status = MlflowClient(job.tracking_uri).get_run(job.run_id).info.status
+    if status == "FINISHED" and (Path(job.output) / METRICS_FILE).is_file():
+        raise ValueError(
+            f"the job in {job.output} finished: its model is in {Path(job.output) / 'model'}; "
+            "start a new one with --output elsewhere"
+        )
+
+
 def weights_for_workers(source: str) -> HandedWeights | None:
     """Resolve (and download) pretrained weights here, once for all workers."""
     if source == RANDOM_WEIGHTS:

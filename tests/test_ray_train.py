@@ -275,6 +275,8 @@ def test_stopped_job_continues_with_resume(tmp_path, mlflow_server, capsys):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert (out / "model" / "model.safetensors").is_file()
     assert only_run(client, "stop-resume").info.status == "FINISHED"
+    assert main(["train", "--resume", str(out), "--tracking-uri", mlflow_server]) == 2
+    assert f"the job in {out} finished" in capsys.readouterr().err  # nothing left to do
 
 
 def test_resume_names_what_it_could_not_find(tmp_path, capsys):
