@@ -122,15 +122,40 @@ def input_format(path: str) -> str:
     return "parquet"  # files by suffix, folders (hive partitions included) as Parquet
 
 
+# Table formats whose folders also hold the Parquet files of older versions and deleted
+# rows: read as plain Parquet they would give stale and repeated rows. By a marker inside.
+TABLE_FORMATS = {"_delta_log": "a Delta Lake table", ".hoodie": "an Apache Hudi table"}
+
+
+def refuse_table_format(path: str, names: list[str]) -> None:
+    """Refuse a folder that is a Delta, Hudi or Iceberg table (``names``: its files and
+    folders, relative), whose Parquet files are not its current rows."""
+    tops = {name.split("/", 1)[0] for name in names}
+    kind = next((TABLE_FORMATS[top] for top in TABLE_FORMATS if top in tops), None)
+    if kind is None and any(
+        n.startswith("metadata/") and n.endswith(".metadata.json") for n in names
+    ):
+        kind = "an Apache Iceberg table"
+    if kind:
+        raise DataError(
+            f"{path} is {kind}: its folder also holds the Parquet files of older versions "
+            "and of deleted rows, so read as Parquet it would give stale and repeated rows. "
+            "Export its current version to Parquet (for example with Spark, DuckDB or the "
+            "table's Python library) and give that"
+        )
+
+
 def path_format(path: str) -> str:
     """:func:`input_format` of a file, or of the data files in a folder (what pyarrow reads
     there: names starting with ``_`` or ``.`` aside), which must all be of one kind."""
     filesystem, where = filesystem_of(path)
     if filesystem.get_file_info(where).type != pa_fs.FileType.Directory:
         return input_format(path)
+    listed = filesystem.get_file_info(pa_fs.FileSelector(where, recursive=True))
+    refuse_table_format(path, [info.path[len(where) :].strip("/") for info in listed])
     kinds = {
         input_format(info.path)
-        for info in filesystem.get_file_info(pa_fs.FileSelector(where, recursive=True))
+        for info in listed
         if info.type == pa_fs.FileType.File
         and not any(p.startswith(("_", ".")) for p in info.path[len(where) :].split("/"))
     }

@@ -299,6 +299,27 @@ def test_a_message_in_a_struct_column_is_scored_and_the_struct_kept(tiny_run, tm
     assert [row["event"] for row in rows] == events  # the input column as it was
 
 
+@pytest.mark.parametrize(
+    ("marker", "kind"),
+    [
+        ("_delta_log/00000000000000000000.json", "a Delta Lake table"),
+        (".hoodie/hoodie.properties", "an Apache Hudi table"),
+        ("metadata/v1.metadata.json", "an Apache Iceberg table"),
+    ],
+)
+def test_a_table_format_folder_is_refused_not_read_stale(tiny_run, tmp_path, capsys, marker, kind):
+    """Its folder also holds older versions' files: read as Parquet, rows would repeat."""
+    table = tmp_path / "table"
+    (table / marker).parent.mkdir(parents=True)
+    (table / marker).write_text("{}")
+    for version in (0, 1):  # the same rows, rewritten by an update
+        pq.write_table(pa.table({"text": [CHAPTER_SPAM]}), table / f"part-{version}.parquet")
+    with pytest.raises(ScoringError, match=f"is {kind}: its folder also holds"):
+        run_scoring(str(tiny_run / "model"), [str(table)], str(tmp_path / "out"))
+    assert main(["train", "--preset", "tiny", "--data", str(table), "--output", "x"]) == 2
+    assert f"is {kind}: its folder also holds" in capsys.readouterr().err
+
+
 def test_bytes_that_are_not_utf8_are_flagged(tiny_run, tmp_path):
     column = pa.array([CHAPTER_SPAM.encode(), b"\xff\xfe caf\xe9"], pa.binary())
     pq.write_table(pa.table({"id": [0, 1], "text": column}), tmp_path / "in.parquet")
