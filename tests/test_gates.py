@@ -8,7 +8,7 @@ import json
 import pytest
 
 from spam_gpt.api_keys import KeyCheck
-from spam_gpt.gates import BodyLimit, KeyGate, bearer_token
+from spam_gpt.gates import BodyLimit, CrossOrigin, KeyGate, bearer_token
 
 KEY = "k3y-for-tests"
 
@@ -85,7 +85,8 @@ def test_an_oversized_body_without_a_key_is_told_413_not_401():
     first (urllib) reads why it was refused."""
     from spam_gpt.serving import api
 
-    assert [m.cls for m in api.user_middleware] == [BodyLimit, KeyGate]  # outermost first
+    # outermost first: CORS preflights are answered before anything reads a request
+    assert [m.cls for m in api.user_middleware] == [CrossOrigin, BodyLimit, KeyGate]
     gate = KeyGate(downstream, {"/classify"}, key_check=lambda: KeyCheck([KEY]))
     app = BodyLimit(gate, limit=10)
     status, _, body = ask(app, "/classify", b"x" * 11)
