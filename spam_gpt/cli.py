@@ -631,11 +631,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = sweep.settings
     answering(settings.tracking_uri)
     per_trial = settings.workers * settings.cpus_per_worker + 1  # and one for Ray Data
-    wanted = per_trial * min(sweep.trials_at_once or 1, sweep.trials)
+    least = min(sweep.trials_at_once or 1, sweep.trials)  # trials that must fit at once
+    wanted = per_trial * least
     connect(args.address, num_cpus=wanted, runtime_env=args.runtime_env)
     require_cpus(wanted, "--trials-at-once x (--workers x --cpus-per-worker + 1 for Ray Data)")
     if settings.gpu:
-        require_gpus(settings.workers * min(sweep.trials_at_once or 1, sweep.trials), "worker")
+        require_gpus(settings.workers * least, "worker")
     fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
     inputs, plan = prepare_data(sweep.data)
     report_data(plan)

@@ -93,6 +93,19 @@ class SavedSweep:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SWEEP_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
+    def finished_rows(self) -> dict[int, dict]:
+        """The summary rows of this sweep's trials that finished (a stale folder of an
+        earlier sweep in the same --output does not count)."""
+        settings = SweepSettings(**self.settings)
+        rows = {}
+        for trial in self.trials:
+            path = Path(settings.trial_output(trial["number"])) / ROW_FILE
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                if saved["trial_name"] == settings.trial_name(trial["number"]):
+                    rows[trial["number"]] = saved["row"]
+        return rows
+
 
 def load_sweep(folder: str) -> SavedSweep:
     path = Path(folder) / SWEEP_FILE
@@ -111,19 +124,6 @@ def refuse_unfinished(folder: str) -> None:
             f"--output {folder} holds a sweep that did not finish: continue it with "
             f"`spam-gpt sweep --resume {folder}`, or pass another --output"
         )
-
-
-def finished_rows(settings: SweepSettings, numbers: list[int]) -> dict[int, dict]:
-    """The summary rows of this sweep's trials that finished (a stale folder of an earlier
-    sweep in the same --output does not count)."""
-    rows = {}
-    for number in numbers:
-        path = Path(settings.trial_output(number)) / ROW_FILE
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved["trial_name"] == settings.trial_name(number):
-                rows[number] = saved["row"]
-    return rows
 
 
 @dataclass
@@ -259,7 +259,7 @@ def resume_sweep(saved: SavedSweep, inputs: LabelledInputs, plan: SplitPlan) -> 
             "(its checksum differs): start a new sweep with another --output"
         )
     settings = SweepSettings(**saved.settings)
-    done = finished_rows(settings, [trial["number"] for trial in saved.trials])
+    done = saved.finished_rows()
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     client.update_run(settings.parent_run_id, status="RUNNING")
     left = len(saved.trials) - len(done)
@@ -344,8 +344,7 @@ def end_runs(client: MlflowClient, parent_run_id: str) -> None:
 def stopped_message(output: str) -> str:
     """What a stopped sweep says: how far it got and how to continue it."""
     saved = load_sweep(output)
-    settings = SweepSettings(**saved.settings)
-    done = finished_rows(settings, [trial["number"] for trial in saved.trials])
+    done = saved.finished_rows()
     return (
         f"spam-gpt sweep: stopped with {len(done)} of {len(saved.trials)} trials finished; "
         f"continue it with `spam-gpt sweep --resume {output}`"
