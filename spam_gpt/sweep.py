@@ -262,6 +262,7 @@ def resume_sweep(saved: SavedSweep, inputs: LabelledInputs, plan: SplitPlan) -> 
     done = saved.finished_rows()
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     client.update_run(settings.parent_run_id, status="RUNNING")
+    close_finished_trials(client, done)
     left = len(saved.trials) - len(done)
     print(
         f"Sweep {settings.name}: {len(done)} of {len(saved.trials)} trials finished before; "
@@ -272,6 +273,14 @@ def resume_sweep(saved: SavedSweep, inputs: LabelledInputs, plan: SplitPlan) -> 
     return run_trials(
         saved, inputs, plan, done, tune_name=f"{settings.name}-{time.strftime('%H%M%S')}"
     )
+
+
+def close_finished_trials(client: MlflowClient, done: dict[int, dict]) -> None:
+    """Mark the runs of finished trials FINISHED: a trial that finished as the sweep
+    stopped can end its run just before the stop marks the running trials failed."""
+    for row in done.values():
+        if client.get_run(row["run_id"]).info.status != "FINISHED":
+            client.set_terminated(row["run_id"], status="FINISHED")
 
 
 def run_trials(
