@@ -10,6 +10,7 @@ only worker that writes to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -51,11 +53,21 @@ from spam_gpt.handed_weights import (
 from spam_gpt.ingest import StreamedData, StreamSplitConfig, plan_on_ray, training_datasets
 from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inputs
 from spam_gpt.ray_cluster import connect, require_cpus, require_gpus
-from spam_gpt.tracking import RunLogger, git_commit, job_of_run, job_tags, open_run
+from spam_gpt.tracking import (
+    RunLogger,
+    few_retries,
+    git_commit,
+    job_of_run,
+    job_tags,
+    open_run,
+    reason_of,
+)
 from spam_gpt.training import TrainingHistory, say
 from spam_gpt.training_state import load_training_state, save_training_state
 
 JOB_FILE = "job.json"
+# Said after an epoch's line while MLflow does not answer.
+UNANSWERED = " (MLflow does not answer: its metrics wait, training goes on)"
 # The latest checkpoint (to resume from, always kept) and the best epoch's.
 KEPT_CHECKPOINTS = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_accuracy")
 
@@ -152,16 +164,21 @@ def train_worker(loop_config: dict) -> None:
             say(f"Resuming after epoch {resume.history.epochs_done}")
         if logger:
             logger.note_resume(resume.history.epochs_done)
-            logger.log_history(resume.history)
+            logger.keep_up(resume.history)
 
     relay = loop_config.get("relay") if rank == 0 else None
+
+    def on_eval(history) -> None:
+        if not logger.unanswered:  # an unanswering server is tried again at the epoch's end
+            logger.keep_up(history)
 
     def on_epoch_end(history, snapshot) -> None:
         report_epoch(history, snapshot, rank)
         if logger:
-            logger.log_history(history)
+            logger.keep_up(history)
         if relay is not None:
-            relay.put(epoch_line(history, cfg.epochs))
+            unanswered = logger is not None and logger.unanswered
+            relay.put(epoch_line(history, cfg.epochs) + (UNANSWERED if unanswered else ""))
 
     workers = Workers(
         rank=rank,
@@ -175,7 +192,7 @@ def train_worker(loop_config: dict) -> None:
         data,
         workers,
         resume=resume,
-        on_eval=logger.log_history if logger else None,
+        on_eval=on_eval if logger else None,
         on_epoch_end=on_epoch_end,
         verbose=rank == 0,
     )
@@ -183,8 +200,6 @@ def train_worker(loop_config: dict) -> None:
         final = None
         if rank == 0:
             write_outputs(result, folder)
-            if logger:
-                logger.log_results(result.metrics, Path(folder), job.register_as, job.log_model)
             final = Checkpoint.from_directory(folder)
         ray.train.report(final_report(result.metrics, result.history.val_accs), checkpoint=final)
 
@@ -367,12 +382,34 @@ def run_job(
         with relay or nullcontext():
             result = trainer.fit()
     except (Exception, KeyboardInterrupt):
-        client.set_terminated(job.run_id, status="FAILED")
+        with contextlib.suppress(MlflowException), few_retries():  # MLflow may be the fault
+            client.set_terminated(job.run_id, status="FAILED")
         raise
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, job.output, dirs_exist_ok=True)
-    client.set_terminated(job.run_id, status="FINISHED")
-    return json.loads((Path(job.output) / METRICS_FILE).read_text())
+        metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+        log_outputs(job, metrics, Path(folder))
+    return metrics
+
+
+class ResultsNotLogged(ValueError):
+    """Training finished and its outputs are saved, but MLflow did not take them."""
+
+
+def log_outputs(job: TrainJob, metrics: dict, folder: Path) -> None:
+    """The finished job's results, plots and model into its run, from the driver, which
+    holds them by now: where MLflow does not answer, nothing trained is lost, and
+    ``--resume`` logs them once it does."""
+    try:
+        logger = RunLogger(job.tracking_uri, job.run_id)
+        logger.log_results(metrics, folder, job.register_as, job.log_model)
+        logger.client.set_terminated(job.run_id, status="FINISHED")
+    except MlflowException as error:
+        raise ResultsNotLogged(
+            f"training finished and its model is in {Path(job.output) / 'model'}, but MLflow at "
+            f"{job.tracking_uri} did not take the results ({reason_of(error)}): once it "
+            f"answers, `spam-gpt train --resume {job.output}` logs them"
+        ) from None
 
 
 def connect_for_training(

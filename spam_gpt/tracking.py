@@ -1,6 +1,7 @@
 """MLflow tracking for training jobs: one run per job, metrics logged exactly once.
 
-The driver opens the run; rank 0 writes everything into it. Metrics are logged with
+The driver opens the run; rank 0 logs the curves as training goes, and the driver logs the
+results, plots and model once it holds them. Metrics are logged with
 explicit steps and skipped when MLflow already holds that step, so a worker group that is
 restarted from its last checkpoint and replays an epoch (deterministically) neither
 duplicates nor loses a point.
@@ -8,19 +9,24 @@ duplicates nor loses a point.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
 import re
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Map
@@ -34,6 +40,12 @@ JOB_TAG = "spam_gpt.job"
 VERSION_TAG = "spam_gpt.registered_version"
 RESULTS_TAG = "spam_gpt.results_logged"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
+# MLflow's own settings for one quick try: a retry after a second, ten seconds to answer.
+QUICK_REQUESTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 PYFUNC_MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
 EVAL_METRICS = ("train_loss", "val_loss", "examples_seen")
 EPOCH_METRICS = ("train_accuracy", "val_accuracy")
@@ -90,6 +102,29 @@ def ui_for(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return uri
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+@contextlib.contextmanager
+def few_retries() -> Iterator[None]:
+    """MLflow requests that give up within seconds: by default its client retries a server
+    that does not answer for about four minutes per request."""
+    saved = {name: os.environ.get(name) for name in QUICK_REQUESTS}
+    os.environ.update(QUICK_REQUESTS)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def reason_of(error: MlflowException) -> str:
+    """The short reason of a failed MLflow request (its message holds the whole URL and the
+    chain of exceptions)."""
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out", error.message)
+    return cause[0] if cause else error.message.strip().splitlines()[0][:200]
 
 
 class NoTrackingServer(ValueError):
@@ -169,24 +204,33 @@ def job_of_run(client: MlflowClient, run_id: str) -> dict:
 
 
 class RunLogger:
-    """Rank 0's writer: each metric point goes to MLflow once, keyed by its step."""
+    """Rank 0's writer: each metric point goes to MLflow once, keyed by its step.
+
+    Training does not wait on MLflow: while the server does not answer (restarted, a
+    network fault), :meth:`keep_up` gives up within seconds and training goes on; the points
+    stay due, and the next call that gets through logs them all."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         self.run_id = run_id
-        self.last_step = {
-            key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
-            for key in (*EVAL_METRICS, *EPOCH_METRICS)
-        }
+        self.last_step: dict[str, int] | None = None  # read from MLflow on first use
+        self.unanswered = False  # whether MLflow did not take the last points
 
-    def _new_points(self, key: str, steps, values, timestamp: int) -> list[Metric]:
-        fresh = [(step, value) for step, value in zip(steps, values) if step > self.last_step[key]]
-        if fresh:
-            self.last_step[key] = fresh[-1][0]
-        return [Metric(key, float(value), timestamp, step) for step, value in fresh]
+    def _due(self, key: str, steps, values, timestamp: int) -> list[Metric]:
+        return [
+            Metric(key, float(value), timestamp, step)
+            for step, value in zip(steps, values)
+            if step > self.last_step[key]
+        ]
 
     def log_history(self, history: TrainingHistory) -> None:
         """Whatever of ``history`` MLflow does not hold yet."""
+        if self.last_step is None:
+            history_of = functools.partial(self.client.get_metric_history, self.run_id)
+            self.last_step = {
+                key: max((m.step for m in history_of(key)), default=-1)
+                for key in (*EVAL_METRICS, *EPOCH_METRICS)
+            }
         now = int(time.time() * 1000)
         steps, epochs = history.eval_steps, range(1, len(history.train_accs) + 1)
         series = {
@@ -196,22 +240,41 @@ class RunLogger:
             "train_accuracy": (epochs, history.train_accs),
             "val_accuracy": (epochs, history.val_accs),
         }
-        metrics = [m for key, (x, y) in series.items() for m in self._new_points(key, x, y, now)]
+        metrics = [m for key, (x, y) in series.items() for m in self._due(key, x, y, now)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
+            for metric in metrics:
+                self.last_step[metric.key] = max(self.last_step[metric.key], metric.step)
+
+    def keep_up(self, history: TrainingHistory) -> None:
+        """:meth:`log_history` during training: a server that does not answer within
+        seconds is noted in ``unanswered`` (and the worker's log) and tried again at the next
+        call."""
+        try:
+            with few_retries():
+                self.log_history(history)
+        except MlflowException as error:
+            logging.getLogger(__name__).warning("MLflow did not take the metrics: %s", error)
+            self.unanswered = True
+        else:
+            self.unanswered = False
 
     def note_resume(self, epoch: int) -> None:
-        self.client.set_tag(self.run_id, "resumed_from_epoch", str(epoch))
+        """A tag on the run (left out while MLflow does not answer)."""
+        with contextlib.suppress(MlflowException), few_retries():
+            self.client.set_tag(self.run_id, "resumed_from_epoch", str(epoch))
 
     def log_results(
         self, metrics: dict, output_dir: Path, register_as: str | None, log_model: bool = True
     ) -> str | None:
         """Final metrics, plots, ``metrics.json``, and (``log_model``) the checkpoint and the
-        pyfunc model, registered as a new version of ``register_as``. Done once: a worker
-        group that is restarted after this step finds the run marked and leaves it alone."""
+        pyfunc model, registered as a new version of ``register_as``, with any points of the
+        curves that MLflow missed. Done once: a ``--resume`` after this step finds the run
+        marked and leaves it alone."""
         tags = self.client.get_run(self.run_id).data.tags
         if RESULTS_TAG in tags:
             return tags.get(VERSION_TAG)
+        self.log_history(TrainingHistory(**metrics["history"]))  # what MLflow missed
         now = int(time.time() * 1000)
         final = [Metric(k, v, now, 0) for k, v in final_metric_values(metrics).items()]
         self.client.log_batch(self.run_id, metrics=final)

@@ -177,13 +177,10 @@ def wait_for_http(
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real ``mlflow server`` on 127.0.0.1 with an SQLite store, once per session
-    (its schema migrations take tens of seconds)."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (folder / "server.log").open("w")
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` with its SQLite store and artifacts in
+    ``folder`` (the same folder again: the same runs), answering when this returns."""
+    log = (folder / "server.log").open("a")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -204,14 +201,26 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    uri = f"http://127.0.0.1:{port}"
+    log.close()  # the server holds its own copy
     try:
-        wait_for_http(f"{uri}/health", timeout=180, process=process)
-        yield uri
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=180, process=process)
+    except Exception:
+        process.kill()
+        raise
+    return process
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` on 127.0.0.1 with an SQLite store, once per session
+    (its schema migrations take tens of seconds)."""
+    port = free_port()
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
