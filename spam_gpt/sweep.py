@@ -16,6 +16,7 @@ from its last epoch checkpoint, as ``spam-gpt train --resume`` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from typing import TextIO
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -45,7 +47,7 @@ from spam_gpt.sweep_summary import (
     summary_row,
     write_summary,
 )
-from spam_gpt.tracking import PARENT_TAG, log_model_of_run, open_run
+from spam_gpt.tracking import PARENT_TAG, few_retries, log_model_of_run, open_run, reason_of
 
 SWEEP_TAG = "spam_gpt.sweep"
 # A trial's function only waits on its Ray Train run, whose workers (and Ray Data) hold the
@@ -324,7 +326,8 @@ def run_trials(
         with console.prints_into_log():
             results = tuner.fit() if pending else []
     except (Exception, KeyboardInterrupt):
-        end_runs(client, settings.parent_run_id)
+        with contextlib.suppress(MlflowException), few_retries():  # MLflow may be the fault
+            end_runs(client, settings.parent_run_id)
         raise
     rows = dict(done)
     for result in results:
@@ -363,7 +366,21 @@ def stopped_message(output: str) -> str:
 def finish_sweep(
     client: MlflowClient, settings: SweepSettings, frame: pd.DataFrame, register_as: str | None
 ) -> SweepResult:
-    """Summary files into ``--output`` and the parent run; the best trial registered."""
+    """Summary files into ``--output`` and the parent run; the best trial registered. Where
+    MLflow does not answer, the sweep stays unfinished for ``--resume`` to finish."""
+    try:
+        return log_sweep(client, settings, frame, register_as)
+    except MlflowException as error:
+        raise ValueError(
+            f"the trials are in {Path(settings.output) / 'trials'}, but MLflow at "
+            f"{settings.tracking_uri} did not take the sweep's summary ({reason_of(error)}): "
+            f"once it answers, `spam-gpt sweep --resume {settings.output}` finishes it"
+        ) from None
+
+
+def log_sweep(
+    client: MlflowClient, settings: SweepSettings, frame: pd.DataFrame, register_as: str | None
+) -> SweepResult:
     run_id = settings.parent_run_id
     for path in write_summary(frame, Path(settings.output)):
         client.log_artifact(run_id, str(path))

@@ -9,6 +9,8 @@ from spam_gpt.cli import main
 from spam_gpt.grid import GridError, expand_grid, load_grid
 from spam_gpt.sweep_summary import best_trial, markdown_table, summary_frame
 
+from .conftest import free_port
+
 
 def grid_file(tmp_path, text: str) -> str:
     path = tmp_path / "grid.yaml"
@@ -99,3 +101,24 @@ def test_the_best_trial_has_the_best_validation_accuracy_then_fewer_parameters()
     assert (
         best_trial(summary_frame([{"trial": 1, "variant": "v", "seed": 1, "error": "x"}])) is None
     )
+
+
+def test_a_sweep_that_mlflow_does_not_answer_at_the_end_says_how_to_finish_it(
+    tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    from spam_gpt.sweep import SweepSettings, finish_sweep
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not minutes of retries
+    uri = f"http://127.0.0.1:{free_port()}"  # where no server listens
+    settings = SweepSettings(output=str(tmp_path), tracking_uri=uri, parent_run_id="a1")
+    frame = summary_frame([{"trial": 1, "variant": "v", "seed": 1, "error": "x"}])
+    with pytest.raises(ValueError) as raised:
+        finish_sweep(MlflowClient(uri), settings, frame, None)
+    assert str(raised.value) == (
+        f"the trials are in {tmp_path / 'trials'}, but MLflow at {uri} did not take the sweep's "
+        "summary ([Errno 111] Connection refused): once it answers, `spam-gpt sweep --resume "
+        f"{tmp_path}` finishes it"
+    )
+    assert (tmp_path / "summary.md").is_file()  # written before MLflow was asked
