@@ -41,7 +41,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
 from spam_gpt.config import RANDOM_WEIGHTS, TrainConfig
-from spam_gpt.console import EpochRelay
+from spam_gpt.console import EpochRelay, prints_into_log
 from spam_gpt.corpus import SPLIT_NAMES
 from spam_gpt.finetune import METRICS_FILE, Workers, finetune, write_outputs
 from spam_gpt.handed_weights import (
@@ -401,9 +401,10 @@ def log_outputs(job: TrainJob, metrics: dict, folder: Path) -> None:
     holds them by now: where MLflow does not answer, nothing trained is lost, and
     ``--resume`` logs them once it does."""
     try:
-        logger = RunLogger(job.tracking_uri, job.run_id)
-        logger.log_results(metrics, folder, job.register_as, job.log_model)
-        logger.client.set_terminated(job.run_id, status="FINISHED")
+        with prints_into_log():  # MLflow's own lines on registering and ending the run
+            logger = RunLogger(job.tracking_uri, job.run_id)
+            logger.log_results(metrics, folder, job.register_as, job.log_model)
+            logger.client.set_terminated(job.run_id, status="FINISHED")
     except MlflowException as error:
         raise ResultsNotLogged(
             f"training finished and its model is in {Path(job.output) / 'model'}, but MLflow at "

@@ -282,7 +282,8 @@ def close_finished_trials(client: MlflowClient, done: dict[int, dict]) -> None:
     stopped can end its run just before the stop marks the running trials failed."""
     for row in done.values():
         if client.get_run(row["run_id"]).info.status != "FINISHED":
-            client.set_terminated(row["run_id"], status="FINISHED")
+            with console.prints_into_log():  # MLflow's line on ending a run
+                client.set_terminated(row["run_id"], status="FINISHED")
 
 
 def run_trials(
