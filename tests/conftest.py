@@ -3,11 +3,13 @@ and small local HTTP servers standing in for UCI and the Hugging Face Hub."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -175,6 +178,36 @@ def wait_for_http(
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def act_at_line(
+    command: list[str], prefix: str, act: Callable[[subprocess.Popen], None], **popen
+) -> subprocess.CompletedProcess:
+    """Run ``command`` in a session of its own; once a line of its output starts with
+    ``prefix``, call ``act`` with it (stop it, take a server away), and let it end."""
+    job = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        lines = []
+        for line in job.stdout:
+            lines.append(line)
+            assert time.monotonic() < deadline, f"no line starting {prefix!r}"
+            if line.startswith(prefix):
+                break
+        act(job)
+        out, err = job.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    return subprocess.CompletedProcess(command, job.returncode, "".join(lines) + out, err)
 
 
 def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:

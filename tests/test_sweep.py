@@ -6,14 +6,12 @@ best trial is registered and loads."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from mlflow import MlflowClient
 
 from spam_gpt.cli import main
 
-from .conftest import CHAPTER_SPAM
+from .conftest import CHAPTER_SPAM, act_at_line
 
 EXPERIMENT = "sweep"
 
@@ -39,29 +37,6 @@ class Sweep:
 
 def sweep_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "spam_gpt.cli", "sweep", *args]
-
-
-def stop_after_a_trial(command: list[str]) -> subprocess.CompletedProcess:
-    """Run ``command`` and press Ctrl-C (SIGINT to its process group) once a trial has
-    finished."""
-    job = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 300
-        lines = []
-        for line in job.stdout:
-            lines.append(line)
-            assert time.monotonic() < deadline, "no trial finished"
-            if line.startswith("Trial "):
-                break
-        os.killpg(job.pid, signal.SIGINT)
-        out, err = job.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    return subprocess.CompletedProcess(command, job.returncode, "".join(lines) + out, err)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +64,8 @@ def sweep(mlflow_server, tmp_path_factory) -> Sweep:
         "--output",
         str(out),
     )
-    stopped = stop_after_a_trial(command)
+    # Ctrl-C (SIGINT to its process group) once a trial has finished
+    stopped = act_at_line(command, "Trial ", lambda job: os.killpg(job.pid, signal.SIGINT))
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     # a trial can end its run FINISHED just before the stop marks the running runs failed
     row = json.loads(next(out.glob("trials/*/summary.json")).read_text())["row"]

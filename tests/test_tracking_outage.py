@@ -4,42 +4,22 @@ is back. Each command is a process with its own local Ray, as a user runs it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import time
 
 from mlflow import MlflowClient
 
-from .conftest import free_port, start_mlflow_server
+from .conftest import act_at_line, free_port, start_mlflow_server
 
 
 def train_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "spam_gpt.cli", "train", *args]
 
 
-def stop_server_after_first_epoch(command: list[str], server: subprocess.Popen, env: dict):
-    """Run ``command``; stop ``server`` once the first epoch's line is out."""
-    job = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        deadline = time.monotonic() + 300
-        lines = []
-        for line in job.stdout:
-            lines.append(line)
-            assert time.monotonic() < deadline, "no epoch finished"
-            if line.startswith("Epoch 1/"):
-                break
-        server.terminate()
-        server.wait(timeout=30)
-        out, err = job.communicate(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            job.kill()
-        job.wait()
-    return "".join(lines) + out, err, job.returncode
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def test_training_goes_on_while_mlflow_is_down_and_resume_logs_the_rest(tmp_path):
@@ -54,7 +34,8 @@ def test_training_goes_on_while_mlflow_is_down_and_resume_logs_the_rest(tmp_path
         "--register-as", "outage", "--output", str(out),
     )  # fmt: skip
     try:
-        stdout, stderr, code = stop_server_after_first_epoch(command, server, env)
+        first = act_at_line(command, "Epoch 1/", lambda _: stop(server), env=env)
+        stdout, stderr, code = first.stdout, first.stderr, first.returncode
         assert code == 2, stderr
         (second,) = [line for line in stdout.splitlines() if line.startswith("Epoch 2/2")]
         assert "MLflow does not answer: its metrics wait, training goes on" in second
@@ -82,5 +63,4 @@ def test_training_goes_on_while_mlflow_is_down_and_resume_logs_the_rest(tmp_path
         (version,) = client.search_model_versions("name='outage'")
         assert version.run_id == run.info.run_id
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
