@@ -10,7 +10,6 @@ only worker that writes to MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -55,7 +54,7 @@ from spam_gpt.labelled import DataSpec, LabelledInputs, SplitPlan, labelled_inpu
 from spam_gpt.ray_cluster import connect, require_cpus, require_gpus
 from spam_gpt.tracking import (
     RunLogger,
-    few_retries,
+    best_effort,
     git_commit,
     job_of_run,
     job_tags,
@@ -305,8 +304,6 @@ def find_job(reference: str, tracking_uri: str) -> TrainJob:
         raise FileNotFoundError(
             f"{folder} has no {JOB_FILE}; pass the --output of a `--workers` job"
         )
-    from mlflow.exceptions import MlflowException
-
     try:
         fields = job_of_run(MlflowClient(tracking_uri), reference)
     except MlflowException as error:
@@ -382,7 +379,7 @@ def run_job(
         with relay or nullcontext():
             result = trainer.fit()
     except (Exception, KeyboardInterrupt):
-        with contextlib.suppress(MlflowException), few_retries():  # MLflow may be the fault
+        with best_effort():  # MLflow may be the fault
             client.set_terminated(job.run_id, status="FAILED")
         raise
     with result.checkpoint.as_directory() as folder:

@@ -65,14 +65,19 @@ class LiveModel:
         threading.Thread(target=loop, name="follow-model-alias", daemon=True).start()
 
     def check(self) -> None:
-        """Move to the version the alias names now, if it is another and loads."""
+        """Move to the version the alias names now, if it is another and loads; a registry
+        that does not answer is reported within seconds (MLflow's own retries take
+        minutes)."""
+        from spam_gpt.tracking import few_retries, reason_of  # MLflow: only when following
+
         name, alias = self.alias
         self.last_check = datetime.now(timezone.utc).isoformat(timespec="seconds")
         answering = self.current.meta.version
         try:
-            _, version = model_version_of(f"models:/{name}@{alias}", self.tracking_uri)
+            with few_retries():
+                _, version = model_version_of(f"models:/{name}@{alias}", self.tracking_uri)
         except Exception as error:  # the registry unreachable, the alias deleted
-            self.failed(f"cannot look up models:/{name}@{alias}: {error}")
+            self.failed(f"cannot look up models:/{name}@{alias}: {reason_of(error)}")
             return
         if version == answering:
             self.last_error = None

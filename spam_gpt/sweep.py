@@ -16,7 +16,6 @@ from its last epoch checkpoint, as ``spam-gpt train --resume`` does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -47,7 +46,13 @@ from spam_gpt.sweep_summary import (
     summary_row,
     write_summary,
 )
-from spam_gpt.tracking import PARENT_TAG, few_retries, log_model_of_run, open_run, reason_of
+from spam_gpt.tracking import (
+    PARENT_TAG,
+    best_effort,
+    log_model_of_run,
+    open_run,
+    reason_of,
+)
 
 SWEEP_TAG = "spam_gpt.sweep"
 # A trial's function only waits on its Ray Train run, whose workers (and Ray Data) hold the
@@ -327,7 +332,7 @@ def run_trials(
         with console.prints_into_log():
             results = tuner.fit() if pending else []
     except (Exception, KeyboardInterrupt):
-        with contextlib.suppress(MlflowException), few_retries():  # MLflow may be the fault
+        with best_effort():  # MLflow may be the fault
             end_runs(client, settings.parent_run_id)
         raise
     rows = dict(done)

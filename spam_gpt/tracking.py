@@ -120,11 +120,20 @@ def few_retries() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def reason_of(error: MlflowException) -> str:
+@contextlib.contextmanager
+def best_effort() -> Iterator[None]:
+    """MLflow requests that may be skipped: tried with :func:`few_retries`, a failure
+    swallowed (where MLflow itself may be the fault, or the result is only a note)."""
+    with contextlib.suppress(MlflowException), few_retries():
+        yield
+
+
+def reason_of(error: Exception) -> str:
     """The short reason of a failed MLflow request (its message holds the whole URL and the
     chain of exceptions)."""
-    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out", error.message)
-    return cause[0] if cause else error.message.strip().splitlines()[0][:200]
+    message = error.message if isinstance(error, MlflowException) else str(error)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out", message)
+    return cause[0] if cause else message.strip().splitlines()[0][:200]
 
 
 class NoTrackingServer(ValueError):
@@ -261,7 +270,7 @@ class RunLogger:
 
     def note_resume(self, epoch: int) -> None:
         """A tag on the run (left out while MLflow does not answer)."""
-        with contextlib.suppress(MlflowException), few_retries():
+        with best_effort():
             self.client.set_tag(self.run_id, "resumed_from_epoch", str(epoch))
 
     def log_results(

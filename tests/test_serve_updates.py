@@ -11,6 +11,8 @@ from collections import Counter
 import pytest
 
 from spam_gpt.checkpoint import load_meta
+from spam_gpt.live_model import LiveModel
+from spam_gpt.predictor import Predictor
 from spam_gpt.server import deploy
 
 from .conftest import CHAPTER_SPAM, free_port
@@ -95,6 +97,17 @@ def wait_for_version(url: str, version: str, timeout: float) -> float:
     raise AssertionError(f"version {version} did not answer within {timeout:.0f} s")
 
 
+def wait_for_error(url: str) -> dict:
+    """``/model`` once it reports a failure to follow the alias (or after three intervals)."""
+    deadline = time.monotonic() + 3 * RELOAD_S
+    while time.monotonic() < deadline:
+        _, model = call(url, "/model", key=None)
+        if model["following"]["last_error"]:
+            break
+        time.sleep(0.5)
+    return model
+
+
 def test_the_alias_moved_under_load_switches_without_a_failed_request(service, registry):
     status, model = call(service, "/model", key=None)
     assert status == 200 and (model["name"], model["version"]) == (MODEL, "1")
@@ -117,12 +130,7 @@ def test_the_alias_moved_under_load_switches_without_a_failed_request(service, r
 def test_a_version_that_fails_to_load_leaves_the_old_one_answering(service, registry):
     wait_for_version(service, "2", timeout=2 * RELOAD_S)  # as the test above leaves it
     registry.set_registered_model_alias(MODEL, "champion", "3")
-    deadline = time.monotonic() + 3 * RELOAD_S
-    while time.monotonic() < deadline:
-        _, model = call(service, "/model", key=None)
-        if model["following"]["last_error"]:
-            break
-        time.sleep(0.5)
+    model = wait_for_error(service)
     assert model["version"] == "2"
     assert (
         "version 3 of live-spam-gpt (alias champion) failed to load"
@@ -134,3 +142,36 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_answering(service, regi
     registry.set_registered_model_alias(MODEL, "champion", "1")  # and back: it follows again
     wait_for_version(service, "1", timeout=2 * RELOAD_S)
     assert call(service, "/model", key=None)[1]["following"]["last_error"] is None
+
+
+def test_a_deleted_alias_is_reported_in_one_line_and_the_model_keeps_answering(service, registry):
+    wait_for_version(service, "1", timeout=2 * RELOAD_S)  # as the test above leaves it
+    registry.delete_registered_model_alias(MODEL, "champion")
+    model = wait_for_error(service)
+    error = model["following"]["last_error"]
+    assert error.startswith(f"cannot look up models:/{MODEL}@champion: "), error
+    assert "\n" not in error and "http" not in error and len(error) < 300, error
+    status, answer = post(service, "/classify", {"text": CHAPTER_SPAM})
+    assert status == 200 and answer["model"]["version"] == "1"
+    registry.set_registered_model_alias(MODEL, "champion", "1")
+    deadline = time.monotonic() + 3 * RELOAD_S
+    while call(service, "/model", key=None)[1]["following"]["last_error"]:
+        assert time.monotonic() < deadline, "the restored alias was not found again"
+        time.sleep(0.5)
+
+
+def test_a_registry_that_does_not_answer_is_reported_within_seconds(tiny_run, monkeypatch):
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # MLflow's defaults: minutes of retries
+    checkpoint = str(tiny_run / "model")
+    model = LiveModel(
+        f"models:/{MODEL}@champion",
+        load=lambda _: Predictor.from_checkpoint(checkpoint),
+        tracking_uri=f"http://127.0.0.1:{free_port()}",
+    )
+    started = time.monotonic()
+    model.check()
+    assert time.monotonic() - started < 60
+    error = model.status()["last_error"]
+    assert error == f"cannot look up models:/{MODEL}@champion: [Errno 111] Connection refused"
+    assert model.current.meta.version is not None  # the loaded model stays
