@@ -50,6 +50,8 @@ from spam_gpt.training import (
 from spam_gpt.training_state import TrainingState
 from spam_gpt.weights import load_pretrained_gpt
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
 
 @dataclass
 class Workers:
@@ -60,6 +62,19 @@ class Workers:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reduce: Reduce = local_only
     wrap: Callable[[nn.Module], nn.Module] = lambda module: module
+
+
+def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The chapter's AdamW, as PyTorch's fused kernel where it has one: the default on a
+    CPU makes a dozen passes over each tensor a step. The tiny preset's 3.3 M parameters,
+    most of them its token embeddings, took 45 ms a step unfused and 8 ms fused on one
+    core (benchmarks/RESULTS.md); losses agree within rounding."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        fused=device.type in FUSED_ADAMW_DEVICES,
+    )
 
 
 class Loaders(NamedTuple):
@@ -178,7 +193,7 @@ def finetune(
     classifier.to(workers.device)
     model = workers.wrap(classifier)
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model, cfg, workers.device)
     history = None
     if resume is not None:
         classifier.load_state_dict(resume.model)
