@@ -67,8 +67,8 @@ class Workers:
 def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """The chapter's AdamW, as PyTorch's fused kernel where it has one: the default on a
     CPU makes a dozen passes over each tensor a step. The tiny preset's 3.3 M parameters,
-    most of them its token embeddings, took 45 ms a step unfused and 8 ms fused on one
-    core (benchmarks/RESULTS.md); losses agree within rounding."""
+    most of them its token embeddings, took 22 ms a step unfused and 3 ms fused on one
+    core (benchmarks/optimizer.py); losses agree within rounding."""
     return torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
