@@ -28,8 +28,8 @@ RECIPES = {  # name: (model, trainable)
     "gpt2-small, last block (chapter)": ("gpt2-small", "last_block"),
     "gpt2-small, all layers": ("gpt2-small", "all"),
 }
-KINDS = {"one tensor at a time (CPU default)": {"foreach": False}, "foreach": {"foreach": True}}
-FUSED = {"fused (spam-gpt)": {"fused": True}}
+DEFAULT, FUSED = "one tensor at a time (CPU default)", "fused (spam-gpt)"
+OPTIMIZERS = {DEFAULT: {"foreach": False}, "foreach": {"foreach": True}, FUSED: {"fused": True}}
 
 
 def step_ms(parameters: list[torch.nn.Parameter], options: dict, steps: int) -> float:
@@ -45,20 +45,19 @@ def step_ms(parameters: list[torch.nn.Parameter], options: dict, steps: int) -> 
 
 
 def steps_table(steps: int) -> None:
-    kinds = {**KINDS, **FUSED}
-    print("| trainable | parameters | " + " | ".join(f"{k}, ms" for k in kinds) + " | fused x |")
-    print("|---|---|" + "---|" * (len(kinds) + 1))
+    columns = " | ".join(f"{kind}, ms" for kind in OPTIMIZERS)
+    print(f"| trainable | parameters | {columns} | fused x |")
+    print("|---|---|" + "---|" * (len(OPTIMIZERS) + 1))
     for name, (model, trainable) in RECIPES.items():
         torch.manual_seed(0)
         classifier = SpamClassifier(GPTModel(model_config(model)))
         set_trainable_layers(classifier, trainable)
         parameters = [p for p in classifier.parameters() if p.requires_grad]
-        times = {kind: step_ms(parameters, options, steps) for kind, options in kinds.items()}
-        default = times[next(iter(KINDS))]
+        times = {kind: step_ms(parameters, options, steps) for kind, options in OPTIMIZERS.items()}
         print(
             f"| {name} | {count_parameters(classifier, trainable_only=True):,} | "
             + " | ".join(f"{ms:.1f}" for ms in times.values())
-            + f" | {default / times[next(iter(FUSED))]:.2f}x |"
+            + f" | {times[DEFAULT] / times[FUSED]:.2f}x |"
         )
 
 
@@ -67,7 +66,7 @@ def tiny_runs(seeds: list[int]) -> None:
     print("\n| optimizer | seed | training seconds | test accuracy |")
     print("|---|---|---|---|")
     for seed in seeds:
-        for name, devices in (("PyTorch's default", ()), ("fused (spam-gpt)", ("cpu",))):
+        for name, devices in (("PyTorch's default", ()), (FUSED, ("cpu",))):
             finetune_module.FUSED_ADAMW_DEVICES = devices
             result = finetune_module.finetune(
                 resolve_config("tiny", {"seed": seed}), splits, verbose=False
