@@ -6,12 +6,35 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 
-from spam_gpt.ray_cluster import raylet_pids, shutdown_local_ray, workers_of
+from spam_gpt.ray_cluster import (
+    BLOCK_FETCH_THREAD,
+    let_block_fetches_finish,
+    raylet_pids,
+    shutdown_local_ray,
+    workers_of,
+)
 
 # A process that outlives a polite stop, as a Ray worker deadlocked in its exit handlers does.
 STUCK = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
 GONE_RAYLET = 2**22 + 12345  # above Linux's default pid_max: no such raylet
+
+
+def test_ray_shuts_down_after_the_block_fetches_in_hand_and_waits_no_longer():
+    """A fetch that touches Ray after its shutdown ends the process with exit code 1."""
+    finishing = threading.Thread(target=time.sleep, args=(0.5,), name=BLOCK_FETCH_THREAD)
+    stuck = threading.Event()
+    parked = threading.Thread(target=stuck.wait, name=BLOCK_FETCH_THREAD, daemon=True)
+    for thread in (finishing, parked):
+        thread.start()
+    started = time.monotonic()
+    let_block_fetches_finish(timeout_s=2.0)
+    waited = time.monotonic() - started
+    assert not finishing.is_alive()
+    assert parked.is_alive() and 1.9 <= waited < 5  # a stuck one holds the exit 2 s at most
+    stuck.set()
 
 
 def test_a_worker_that_outlives_its_ray_is_killed_after_the_grace_period():
