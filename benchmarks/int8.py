@@ -60,10 +60,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="spam-gpt-int8-bench-") as work:
+        measure(args, Path(work))
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Every table row; ``work`` holds the checkpoints and exports, removed at the end."""
     torch.set_num_threads(args.threads)
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
     sample = random.Random(1).choices(texts, k=args.messages)
-    work = Path(tempfile.mkdtemp(prefix="spam-gpt-int8-bench-"))
     print(f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print("| model | precision | messages/s | x fp32 | labels as its fp32 | largest change |")
     print("|---|---|---|---|---|---|")

@@ -268,11 +268,16 @@ def main() -> None:
         "with every core)",
     )
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="spam-gpt-bench-") as work:
+        measure(args, Path(work))
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Every table row; ``work`` holds the data, checkpoints and outputs, removed at the end."""
     threads_per_actor = max(1, THREADS // args.actors)
     torch.set_num_threads(THREADS)
     job_rows = args.job_rows or [args.rows] * len(args.models)
     samples = args.sample or [2000] * len(args.models)
-    work = Path(tempfile.mkdtemp(prefix="spam-gpt-bench-"))
     texts = write_corpus(work / "messages.parquet", args.rows)
     print(
         f"{platform.processor() or platform.machine()}, {THREADS} CPUs, torch {torch.__version__}, "

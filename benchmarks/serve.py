@@ -144,9 +144,14 @@ def main() -> None:
         "--high-throughput", action="store_true", help="Serve's HAProxy ingress, as in serve"
     )
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="spam-gpt-serve-bench-") as work:
+        measure(args, Path(work))
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Every table row; ``work`` holds the checkpoints, removed at the end."""
     threads = args.threads
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
-    work = Path(tempfile.mkdtemp(prefix="spam-gpt-serve-bench-"))
     print(
         f"{platform.machine()}, {threads} CPUs, torch {torch.__version__}, precision "
         f"{args.precision}, {'HAProxy' if args.high_throughput else 'default'} ingress, "
