@@ -1,7 +1,8 @@
 """Training benchmarks: seconds per epoch of the recipes, in-process against streamed Ray
 Train, and memory against data size.
 
-    python benchmarks/train.py [--sections epochs throughput memory] [--rows 200000 2000000]
+    python benchmarks/train.py [--sections epochs throughput startup memory]
+        [--rows 200000 2000000] [--rounds 3]
 
 epochs: gpt2-small with random weights (speed does not depend on them), one epoch on the
     chapter's data, in process: ``chapter`` (padded to 120, last token), ``fast`` padded
@@ -12,6 +13,9 @@ throughput: the ``tiny`` preset on the chapter's data, 5 epochs, training exampl
     second (examples seen / training-loop seconds) of ``spam-gpt train`` in process, and
     with rows streamed through Ray Data to one Ray Train worker (both cores) and to two
     (DistributedDataParallel, a core each).
+startup: a one-step job on two Ray Train workers, from the command to its last line (nearly
+    all of it Ray's start-up and end), ``--rounds`` times each, alternating Ray Train's
+    default controller poll (every 2 s) with spam-gpt's (every 0.5 s).
 memory: a labelled Parquet set of the corpus repeated to each ``--rows`` (files of
     100,000 rows), ``--workers 2 --max-steps 300``; the peak resident memory of the driver
     and of each Ray Train worker, which must not grow with the data.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -39,8 +44,11 @@ from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
 FILE_ROWS = 100_000
 
 
-def run_train(out: Path, *args: str, preset: str = "tiny") -> tuple[dict, float]:
-    """``spam-gpt train`` in a child process that reports its own peak memory."""
+def run_train(
+    out: Path, *args: str, preset: str = "tiny", env: dict[str, str] | None = None
+) -> tuple[dict, float]:
+    """``spam-gpt train`` in a child process (with ``env``, else this one's) that reports
+    its own peak memory."""
     code = (
         "import sys\n"
         "from spam_gpt.cli import main\n"
@@ -55,7 +63,7 @@ def run_train(out: Path, *args: str, preset: str = "tiny") -> tuple[dict, float]
     if "--workers" in args:
         command += ["--tracking-uri", uri, "--register-as", ""]
     started = time.perf_counter()
-    done = subprocess.run([*command, *args], capture_output=True, text=True)
+    done = subprocess.run([*command, *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -116,6 +124,25 @@ def throughput(folder: Path) -> None:
     print(", ".join(f"{name} / in-process: {rate / base:.2f}x" for name, rate in rates.items()))
 
 
+POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def startup(folder: Path, rounds: int) -> None:
+    own = {name: value for name, value in os.environ.items() if name != POLL}
+    polls = {"every 2 s (Ray Train's default)": own | {POLL: "2"}, "every 0.5 s (spam-gpt's)": own}
+    print("| round | " + " | ".join(f"wall s, poll {name}" for name in polls) + " |")
+    print("|---|---|---|")
+    walls: dict[str, list[float]] = {name: [] for name in polls}
+    for round_ in range(1, rounds + 1):
+        for k, (name, env) in enumerate(polls.items()):
+            one_step = ("--workers", "2", "--epochs", "1", "--max-steps", "1")
+            _, wall = run_train(folder / f"startup-{round_}-{k}", *one_step, env=env)
+            walls[name].append(wall)
+        print(f"| {round_} | " + " | ".join(f"{walls[name][-1]:.1f}" for name in polls) + " |")
+    default, ours = (sum(w) / len(w) for w in walls.values())
+    print(f"mean: {default:.1f} s against {ours:.1f} s ({ours / default:.2f}x)\n")
+
+
 def write_labelled(folder: Path, rows: int) -> Path:
     """The corpus (ham/spam) repeated to ``rows`` rows, in files of 100,000."""
     corpus = parse_collection(bundled_corpus_bytes())
@@ -154,9 +181,12 @@ def memory(folder: Path, sizes: list[int], max_steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", default=["epochs", "throughput", "memory"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["epochs", "throughput", "startup", "memory"]
+    )
     parser.add_argument("--rows", nargs="+", type=int, default=[200_000, 2_000_000])
     parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="start-up runs of each kind")
     args = parser.parse_args()
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {platform.processor() or ''} "
@@ -168,6 +198,8 @@ def main() -> None:
             epochs(Path(tmp))
         if "throughput" in args.sections:
             throughput(Path(tmp))
+        if "startup" in args.sections:
+            startup(Path(tmp), args.rounds)
         if "memory" in args.sections:
             memory(Path(tmp), sorted(args.rows), args.max_steps)
 
