@@ -125,18 +125,18 @@ def throughput(folder: Path) -> None:
 
 
 POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+ONE_STEP = ("--workers", "2", "--epochs", "1", "--max-steps", "1")
 
 
 def startup(folder: Path, rounds: int) -> None:
     own = {name: value for name, value in os.environ.items() if name != POLL}
     polls = {"every 2 s (Ray Train's default)": own | {POLL: "2"}, "every 0.5 s (spam-gpt's)": own}
     print("| round | " + " | ".join(f"wall s, poll {name}" for name in polls) + " |")
-    print("|---|---|---|")
+    print("|---|" + "---|" * len(polls))
     walls: dict[str, list[float]] = {name: [] for name in polls}
     for round_ in range(1, rounds + 1):
         for k, (name, env) in enumerate(polls.items()):
-            one_step = ("--workers", "2", "--epochs", "1", "--max-steps", "1")
-            _, wall = run_train(folder / f"startup-{round_}-{k}", *one_step, env=env)
+            _, wall = run_train(folder / f"startup-{round_}-{k}", *ONE_STEP, env=env)
             walls[name].append(wall)
         print(f"| {round_} | " + " | ".join(f"{walls[name][-1]:.1f}" for name in polls) + " |")
     default, ours = (sum(w) / len(w) for w in walls.values())
