@@ -411,7 +411,7 @@ def test_per_token_int8_centres_what_a_gelu_hands_on():
     x = torch.nn.functional.gelu(torch.randn(256, 3072) * 1.5)  # from -0.17 up
     centred, around_zero = PerTokenInt8Linear(layer, centred=True), PerTokenInt8Linear(layer)
     with torch.no_grad():  # the weights as rounded: what is left is the activations' rounding
-        layer.weight.copy_(centred.weight_t.t() * centred.weight_scale[:, None])
+        layer.weight.copy_(centred.rounded_weight())
     assert relative_error(centred, layer, x) < 0.6 * relative_error(around_zero, layer, x)
 
 
