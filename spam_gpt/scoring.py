@@ -207,7 +207,8 @@ def append_results(
 
 
 class UnitScorer:
-    """The Ray Data actor: loads the model once, then scores whole units into their parts."""
+    """The Ray Data actor: loads the model once, then scores whole units into their parts,
+    all of its torch work on one thread (see :mod:`spam_gpt.torch_thread`)."""
 
     def __init__(
         self,
@@ -217,13 +218,16 @@ class UnitScorer:
         device: str,
         batch_size: int,
     ):
-        import torch
-
         from spam_gpt.model_ref import load_predictor
+        from spam_gpt.torch_thread import TorchThread
 
-        torch.set_num_threads(threads)
-        self.predictor = load_predictor(
-            job.manifest.model, tracking_uri, device=device, precision=job.manifest.precision
+        self.torch = TorchThread(threads)
+        self.predictor = self.torch.run(
+            load_predictor,
+            job.manifest.model,
+            tracking_uri,
+            device=device,
+            precision=job.manifest.precision,
         )
         self.job = job
         self.batch_size = batch_size
@@ -232,15 +236,18 @@ class UnitScorer:
 
     def __call__(self, batch: dict) -> dict:
         for index in batch["unit"]:
-            tables = unit_tables(self.job.manifest.units[index], self.batch_size)
-            scored = (
-                score_table(
-                    self.predictor, conform(t, self.job.schema), self.job.column, self.job.model
-                )
-                for t in tables
-            )
-            write_part(self.job.folder, int(index), scored, self.schema)
+            self.torch.run(self.score_unit, int(index))
         return batch
+
+    def score_unit(self, index: int) -> None:
+        tables = unit_tables(self.job.manifest.units[index], self.batch_size)
+        scored = (
+            score_table(
+                self.predictor, conform(t, self.job.schema), self.job.column, self.job.model
+            )
+            for t in tables
+        )
+        write_part(self.job.folder, index, scored, self.schema)
 
 
 @dataclass

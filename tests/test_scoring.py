@@ -374,3 +374,23 @@ def test_the_index_pandas_wrote_reads_back_as_the_index(tiny_run, tmp_path, name
     assert list(scored.index) == [0, 2, 5] and scored.index.name == name
     assert [c for c in scored.columns if c not in ADDED_COLUMNS] == ["text", "n"]
     assert list(scored["label"]) == ["spam", "not spam", "not spam"]
+
+
+def test_an_actors_torch_work_stays_on_one_thread_of_its_own():
+    """Ray builds a scoring actor on one thread and calls it on others; torch's OpenMP keeps
+    a team of workers per calling thread, so the actor hands every call to one thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from spam_gpt.torch_thread import TorchThread
+
+    worker = TorchThread(2)
+    here = {worker.run(threading.get_ident) for _ in range(3)}
+    with ThreadPoolExecutor(1) as other:
+        there = other.submit(worker.run, threading.get_ident).result()
+    assert here == {there} and threading.get_ident() not in here
+    assert worker.run(torch.get_num_threads) == 2
+    with pytest.raises(ZeroDivisionError):
+        worker.run(divmod, 1, 0)
