@@ -30,11 +30,12 @@ from spam_gpt.sources import (
 )
 
 UNIT_ROWS = 50_000  # at most: what a stop can cost per actor
-# At least: a small input is not scattered over tiny files. Small enough that the actor
-# that finishes last runs alone for a few seconds only: gpt2-small int8 scores about 50
-# rows/s per single-thread actor, so units of 1,000 rows left one of two cores idle for
-# about 10 s of a 16,716-row job's 160 (benchmarks/RESULTS.md).
-MIN_UNIT_ROWS = 250
+# At least: a small input is not scattered over tiny files, and each unit fills its forward
+# passes (gpt2-small int8 predicted 10 % more messages/s in calls of 500 rows than of 250).
+# Small enough that the actor that finishes last runs alone for a few seconds only: a
+# single-thread actor scores gpt2-small in int8 at about 130 rows/s on an Intel Xeon
+# (benchmarks/RESULTS.md).
+MIN_UNIT_ROWS = 500
 SPREAD = 64  # units a small input is cut into, so that as many actors can share it
 MANIFEST_FILE = "_manifest.json"
 WRITING_SUFFIX = ".writing"

@@ -42,7 +42,8 @@ def test_units_hold_every_row_once_across_row_groups(tmp_path, unit_rows):
 
 
 def test_small_inputs_are_spread_over_units_and_large_ones_cut_in_runs():
-    assert unit_size(127) == 250  # one small file: one unit
+    assert unit_size(127) == 500  # one small file: one unit
+    assert unit_size(16_716) == 500  # passes filled: not 64 units of 262 rows
     assert unit_size(100_000) == 1_563  # 64 units, for up to 64 actors
     assert unit_size(10_000_000) == 50_000  # what a stop can cost per actor
 
