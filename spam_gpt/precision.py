@@ -118,10 +118,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     Where the CPU has VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8), whose int8 dot products add
     straight into 32 bits, and torch has oneDNN (every x86 wheel), each layer becomes a
-    :class:`PerTokenInt8Linear`. Elsewhere it is
-    PyTorch's own dynamic quantisation (``torch.ao.quantization``, deprecated in favour of
-    torchao), whose 7-bit activations (``reduce_range``) keep fbgemm's AVX2 kernels from
-    saturating their 16-bit sums; its deprecation warnings are silenced here only. torchao
+    :class:`PerTokenInt8Linear`. Elsewhere it is PyTorch's own dynamic quantisation
+    (``torch.ao.quantization``, deprecated in favour of torchao), whose 7-bit activations
+    (``reduce_range``) keep fbgemm's AVX2 kernels from saturating their 16-bit sums; its
+    deprecation warnings are silenced here only. torchao
     itself ran 70 messages/s against torch.ao's 124 on gpt2-small (two threads, 128
     corpus messages) and is not a dependency; see benchmarks/RESULTS.md.
 
