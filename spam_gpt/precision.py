@@ -121,9 +121,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     :class:`PerTokenInt8Linear`. Elsewhere it is PyTorch's own dynamic quantisation
     (``torch.ao.quantization``, deprecated in favour of torchao), whose 7-bit activations
     (``reduce_range``) keep fbgemm's AVX2 kernels from saturating their 16-bit sums; its
-    deprecation warnings are silenced here only. torchao
-    itself ran 70 messages/s against torch.ao's 124 on gpt2-small (two threads, 128
-    corpus messages) and is not a dependency; see benchmarks/RESULTS.md.
+    deprecation warnings are silenced here only. torchao itself ran 70 messages/s against
+    torch.ao's 124 on gpt2-small (two threads, 128 corpus messages) and is not a
+    dependency; see benchmarks/RESULTS.md.
 
     GELU takes its erf form, whose kernel runs 4.6x the tanh form's here: the two differ
     by at most 5e-4, far below the 8-bit rounding of the next layer's input. gpt2-small
