@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spam_gpt.corpus import bundled_corpus_bytes, parse_collection
+from spam_gpt.distributed import CONTROLLER_POLL
 
 FILE_ROWS = 100_000
 
@@ -124,13 +125,16 @@ def throughput(folder: Path) -> None:
     print(", ".join(f"{name} / in-process: {rate / base:.2f}x" for name, rate in rates.items()))
 
 
-POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 ONE_STEP = ("--workers", "2", "--epochs", "1", "--max-steps", "1")
 
 
 def startup(folder: Path, rounds: int) -> None:
-    own = {name: value for name, value in os.environ.items() if name != POLL}
-    polls = {"every 2 s (Ray Train's default)": own | {POLL: "2"}, "every 0.5 s (spam-gpt's)": own}
+    poll, interval = CONTROLLER_POLL
+    own = {name: value for name, value in os.environ.items() if name != poll}
+    polls = {
+        "every 2 s (Ray Train's default)": own | {poll: "2"},
+        f"every {interval} s (spam-gpt's)": own,
+    }
     print("| round | " + " | ".join(f"wall s, poll {name}" for name in polls) + " |")
     print("|---|" + "---|" * len(polls))
     walls: dict[str, list[float]] = {name: [] for name in polls}
