@@ -49,6 +49,12 @@ def adds_int8_into_32_bits() -> bool:
     return any(flag in cpuinfo.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def per_token_int8_runs_here() -> bool:
+    """Whether ``--precision int8`` takes :class:`PerTokenInt8Linear` here: a CPU with VNNI
+    and a torch with oneDNN (every x86 wheel)."""
+    return adds_int8_into_32_bits() and torch.backends.mkldnn.is_available()
+
+
 class PerTokenInt8Linear(nn.Module):
     """A Linear layer in int8 for CPUs with VNNI: weights rounded per output channel, and
     each token's activations rounded on their own scale, multiplied by oneDNN's int8 Linear
@@ -130,8 +136,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     (random weights) on the whole corpus: labels as fp32 on 98.80 % (tanh) and 98.78 %
     (erf), 6 % faster.
     """
-    per_token = adds_int8_into_32_bits() and torch.backends.mkldnn.is_available()
-    model = per_token_int8(model) if per_token else torch_ao_int8(model)
+    model = per_token_int8(model) if per_token_int8_runs_here() else torch_ao_int8(model)
     for module in model.modules():
         if isinstance(module, nn.GELU):
             module.approximate = "none"

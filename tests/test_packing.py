@@ -14,7 +14,7 @@ from spam_gpt.config import resolve_config
 from spam_gpt.dataset import SpamDataset, create_loader, make_batch
 from spam_gpt.model import GPTConfig, GPTModel, init_gpt2_weights
 from spam_gpt.packing import pack_rows, packed_batch, packed_batches
-from spam_gpt.precision import adds_int8_into_32_bits
+from spam_gpt.precision import per_token_int8_runs_here
 from spam_gpt.predictor import Predictor
 from spam_gpt.training import calc_loss_batch, calc_loss_loader, confusion_matrix_loader
 
@@ -104,7 +104,7 @@ def test_int8_rows_of_64_hold_long_messages_alone_and_change_no_prediction():
     together = [row[1] for row in predictor.class_probabilities(ids)]
     alone = [predictor.class_probabilities([one])[0][1] for one in ids]
     # torch.ao, where the CPU lacks VNNI, rounds a whole pass on one scale.
-    tolerance = 1e-5 if adds_int8_into_32_bits() else 0.05
+    tolerance = 1e-5 if per_token_int8_runs_here() else 0.05
     assert together == pytest.approx(alone, abs=tolerance)
     assert len({round(p, 4) for p in together}) == 4
 

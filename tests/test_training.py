@@ -326,7 +326,7 @@ def test_int8_agrees_with_fp32_on_the_whole_corpus_without_a_warning(tiny_run):
 
     from torch.ao.nn.quantized.dynamic import Linear as TorchAOLinear
 
-    from spam_gpt.precision import PerTokenInt8Linear, adds_int8_into_32_bits
+    from spam_gpt.precision import PerTokenInt8Linear, per_token_int8_runs_here
 
     texts = parse_collection(bundled_corpus_bytes())["Text"].tolist()
     exact = Predictor.from_checkpoint(tiny_run / "model").predict(texts)
@@ -335,7 +335,7 @@ def test_int8_agrees_with_fp32_on_the_whole_corpus_without_a_warning(tiny_run):
         quantized = Predictor.from_checkpoint(tiny_run / "model", precision="int8")
         fast = quantized.predict(texts)
     blocks = quantized.classifier.gpt.trf_blocks
-    expected = PerTokenInt8Linear if adds_int8_into_32_bits() else TorchAOLinear
+    expected = PerTokenInt8Linear if per_token_int8_runs_here() else TorchAOLinear
     assert isinstance(blocks[0].ff.layers[0], expected)
     assert isinstance(blocks[0].att.W_query, expected)
     assert type(quantized.classifier.gpt.out_head) is torch.nn.Linear  # the head stays fp32
