@@ -69,7 +69,11 @@ class Predictor:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         max_tokens: int | None = None,
+        compile_int8: bool = False,
     ):
+        """``compile_int8``: int8 rounds with torch.compile's kernels (about 15 % faster
+        on gpt2-small, seconds to compile once per process), for predictors that run long:
+        scoring actors and Serve replicas."""
         if precision not in WEIGHT_DTYPES:
             raise ValueError(
                 f"precision must be one of {', '.join(WEIGHT_DTYPES)}, not {precision!r}"
@@ -80,7 +84,7 @@ class Predictor:
         # bf16 weights: about 3x faster on CPUs with AMX, probabilities within about 0.01.
         self.classifier = classifier.to(self.device, WEIGHT_DTYPES[precision]).eval()
         if precision == "int8":
-            self.classifier = quantize_int8(self.classifier)
+            self.classifier = quantize_int8(self.classifier, compiled=compile_int8)
         self.meta = meta
         context = classifier.gpt.cfg.context_length
         self.max_length = min(meta.max_length, context)

@@ -228,6 +228,7 @@ class UnitScorer:
             tracking_uri,
             device=device,
             precision=job.manifest.precision,
+            compile_int8=True,
         )
         self.job = job
         self.batch_size = batch_size

@@ -223,7 +223,9 @@ class SpamClassifierService:
         self.metrics = ServeMetrics()
 
         def load(reference: str):
-            return load_predictor(reference, tracking_uri, precision=precision, device=device)
+            return load_predictor(
+                reference, tracking_uri, precision=precision, device=device, compile_int8=True
+            )
 
         def loaded(predictor, seconds: float, replaced: str | None) -> None:
             meta = predictor.meta
