@@ -100,11 +100,17 @@ def compiled_rounding() -> Rounding:
     Eager, rounding a pass reads and writes it five times (largest, smallest, scaled,
     rounded, converted); compiled, it is read twice and written once as int8. gpt2-small
     ran 1.18x as fast with one thread and 1.12x with two (benchmarks/RESULTS.md). It costs
-    about 11 s the first time on a machine and 2 s once torch's compile cache holds it.
+    about 11 s the first time on a machine and 3.5 s (half of it importing torch's
+    compiler) once torch's compile cache holds it.
     """
     import torch._inductor.config
 
-    torch._inductor.config.compile_threads = 1  # no pool of compiling processes per actor
+    inductor = torch._inductor.config
+    inductor.compile_threads = 1  # no pool of compiling processes per actor
+    if inductor.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK says otherwise,
+        # trust the CPU's flags: probing each vector width by building and loading a
+        # library in a child process cost 1.3 s of each process's 3.1 s here.
+        inductor.cpp.vec_isa_ok = True
     compiled = Rounding(*(torch.compile(f, dynamic=True, fullgraph=True) for f in EAGER_ROUNDING))
     try:
         with torch.inference_mode(), warnings.catch_warnings():  # as predictors call it
