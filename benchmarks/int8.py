@@ -3,12 +3,13 @@
     python benchmarks/int8.py [--models gpt2-small] [--messages 256] [--threads 2]
 
 For each model (random weights) it times ``Predictor.predict`` on random corpus messages in
-fp32, in spam-gpt's int8 (the blocks' Linear layers; see ``spam_gpt.precision``)
-and, when torchao is installed, in torchao's ``Int8DynamicActivationInt8WeightConfig`` on
-the same layers; with onnxruntime installed (``pip install -e '.[bench]'``), ONNX Runtime
-fp32 and its dynamic int8 on transformers' model with the same weights, timed with
-tokenization as the predictor is. Each int8 row gives the share of labels equal to its
-own fp32's and the largest change of a probability. Prints a Markdown table.
+fp32, in spam-gpt's int8 (the blocks' Linear layers; see ``spam_gpt.precision``), eager
+and with its rounding compiled as scoring actors and Serve replicas run it, and, when
+torchao is installed, in torchao's ``Int8DynamicActivationInt8WeightConfig`` on the same
+layers; with onnxruntime installed (``pip install -e '.[bench]'``), ONNX Runtime fp32 and
+its dynamic int8 on transformers' model with the same weights, timed with tokenization as
+the predictor is. Each int8 row gives the share of labels equal to its own fp32's and the
+largest change of a probability. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         predictors = {
             "fp32": Predictor.from_checkpoint(str(checkpoint)),
             "int8 (spam-gpt)": Predictor.from_checkpoint(str(checkpoint), precision="int8"),
+            "int8 (spam-gpt, compiled)": Predictor.from_checkpoint(
+                str(checkpoint), precision="int8", compile_int8=True
+            ),
             "int8 (torchao)": torchao_predictor(checkpoint),
         }
         results = {label: timed(p, sample) for label, p in predictors.items() if p is not None}

@@ -115,8 +115,8 @@ def compiled_rounding() -> Rounding:
     try:
         with torch.inference_mode(), warnings.catch_warnings():  # as predictors call it
             warnings.filterwarnings("ignore", message=COMPILER_DEPRECATIONS)
-            for function in compiled:  # compiled now, one graph each
-                function(torch.randn(2, 8))
+            for function in compiled:  # compiled now, one graph each, on a pass's size:
+                function(torch.randn(512, 768))  # a tiny one left it on one thread
     except Exception as error:  # whatever failed, the eager rounding still serves
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         logger.warning(
