@@ -99,9 +99,9 @@ def compiled_rounding() -> Rounding:
 
     Eager, rounding a pass reads and writes it five times (largest, smallest, scaled,
     rounded, converted); compiled, it is read twice and written once as int8. gpt2-small
-    ran 1.18x as fast with one thread and 1.12x with two (benchmarks/RESULTS.md). It costs
-    about 11 s the first time on a machine and 3.5 s (half of it importing torch's
-    compiler) once torch's compile cache holds it.
+    ran 1.08x as fast with one thread and 1.07x with two (benchmarks/RESULTS.md). It costs
+    about 11 s the first time on a machine and 3 s (half of it importing torch's compiler)
+    once torch's compile cache holds it.
     """
     import torch._inductor.config
 
@@ -120,7 +120,7 @@ def compiled_rounding() -> Rounding:
     except Exception as error:  # whatever failed, the eager rounding still serves
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         logger.warning(
-            "int8 rounds without torch.compile, about 15 %% slower (%s); torch.compile "
+            "int8 rounds without torch.compile, about 7 %% slower (%s); torch.compile "
             "needs a C++ compiler such as g++",
             reason,
         )

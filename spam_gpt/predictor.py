@@ -71,8 +71,8 @@ class Predictor:
         max_tokens: int | None = None,
         compile_int8: bool = False,
     ):
-        """``compile_int8``: int8 rounds with torch.compile's kernels (about 15 % faster
-        on gpt2-small, seconds to compile once per process), for predictors that run long:
+        """``compile_int8``: int8 rounds with torch.compile's kernels (about 8 % faster on
+        gpt2-small, seconds to compile once per process), for predictors that run long:
         scoring actors and Serve replicas."""
         if precision not in WEIGHT_DTYPES:
             raise ValueError(
