@@ -9,6 +9,7 @@ import http.server
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,10 +45,20 @@ SHELL_SETTINGS = (
 )
 
 
+HF_HOME = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name in SHELL_SETTINGS:
         os.environ.pop(name, None)
-    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="spam-gpt-tests-hf-home-")
+    config.stash[HF_HOME] = os.environ["HF_HOME"] = tempfile.mkdtemp(
+        prefix="spam-gpt-tests-hf-home-"
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's Hugging Face home goes with it: each run used to leave one in /tmp."""
+    shutil.rmtree(config.stash[HF_HOME], ignore_errors=True)
 
 
 # What Ray, MLflow, setuptools and Python print when they are let through.
