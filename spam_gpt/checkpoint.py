@@ -86,6 +86,6 @@ class WithoutRandomInit(TorchFunctionMode):
     SKIPPED = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SKIPPED:  # they hand over their tensor by keyword
-            return kwargs["tensor"]
+        if func in self.SKIPPED:  # torch hands their tensor over by keyword
+            return kwargs["tensor"] if kwargs and "tensor" in kwargs else args[0]
         return func(*args, **(kwargs or {}))
