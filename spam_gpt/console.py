@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "filelock", "py.warnings")
+LOG_DIR_VARIABLE = "SPAM_GPT_LOG_DIR"  # where each run's log file goes
 
 
 class Console:
@@ -50,8 +51,9 @@ CURRENT = Console(verbose=True)
 
 
 def default_log_file(command: str) -> Path:
-    """``$TMPDIR/spam-gpt/<command>-<time>.log``: one file per run, kept for reading."""
-    folder = Path(tempfile.gettempdir()) / "spam-gpt"
+    """``<command>-<time>-<pid>.log`` in ``$SPAM_GPT_LOG_DIR`` (default
+    ``$TMPDIR/spam-gpt``): one file per run, kept for reading."""
+    folder = Path(os.environ.get(LOG_DIR_VARIABLE) or Path(tempfile.gettempdir()) / "spam-gpt")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 

@@ -30,7 +30,8 @@ from .fake_hub import FakeHub
 
 # Settings a user's shell may hold that would change what the suite does: it sets what it
 # depends on itself. Cleared before collection, so every subprocess and Ray worker inherits
-# the same neutral environment; the Hugging Face cache is an empty folder of the session.
+# the same neutral environment; the Hugging Face cache and the commands' log files go to
+# empty folders of the session (``SESSION_FOLDERS``).
 SHELL_SETTINGS = (
     "HF_HUB_OFFLINE",
     "HF_ENDPOINT",
@@ -40,25 +41,30 @@ SHELL_SETTINGS = (
     "MLFLOW_TRACKING_URI",
     "RAY_ADDRESS",
     "SPAM_GPT_CONFIG",
+    "SPAM_GPT_LOG_DIR",
     "SPAM_GPT_API_KEYS",
     "TIKTOKEN_CACHE_DIR",
 )
 
 
-HF_HOME = pytest.StashKey[str]()
+SESSION_FOLDERS = {"HF_HOME": "spam-gpt-tests-hf-home-", "SPAM_GPT_LOG_DIR": "spam-gpt-tests-logs-"}
+MADE_FOLDERS = pytest.StashKey[list[str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name in SHELL_SETTINGS:
         os.environ.pop(name, None)
-    config.stash[HF_HOME] = os.environ["HF_HOME"] = tempfile.mkdtemp(
-        prefix="spam-gpt-tests-hf-home-"
-    )
+    config.stash[MADE_FOLDERS] = []
+    for name, prefix in SESSION_FOLDERS.items():
+        os.environ[name] = tempfile.mkdtemp(prefix=prefix)
+        config.stash[MADE_FOLDERS].append(os.environ[name])
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """The run's Hugging Face home goes with it: each run used to leave one in /tmp."""
-    shutil.rmtree(config.stash[HF_HOME], ignore_errors=True)
+    """The run's folders go with it: each run used to leave its Hugging Face home and two
+    dozen log files in /tmp."""
+    for folder in config.stash[MADE_FOLDERS]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # What Ray, MLflow, setuptools and Python print when they are let through.

@@ -213,8 +213,10 @@ def test_existing_output_is_not_overwritten_by_accident(tiny_run, tmp_path):
         run_scoring(str(tiny_run / "model"), [str(tmp_path / "in.parquet")], str(tmp_path / "out"))
 
 
-def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
-    """In int8, which labels these two as fp32 does."""
+def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys, monkeypatch):
+    """In int8, which labels these two as fp32 does; the log file where SPAM_GPT_LOG_DIR
+    says."""
+    monkeypatch.setenv("SPAM_GPT_LOG_DIR", str(tmp_path / "logs"))
     pq.write_table(pa.table({"text": [CHAPTER_SPAM, CHAPTER_HAM, ""]}), tmp_path / "in.parquet")
     args = [
         "score",
@@ -230,6 +232,8 @@ def test_score_command_prints_a_summary(tiny_run, tmp_path, capsys):
     assert main(args) == 0
     *_, line, logs = capsys.readouterr().out.strip().splitlines()
     assert logs.startswith("Logs: ") and ".log" in logs  # Ray's and MLflow's output went there
+    (log_file,) = (tmp_path / "logs").glob("score-*.log")
+    assert logs.startswith(f"Logs: {log_file}") and log_file.stat().st_size > 0
     assert "Read 3 rows: 2 scored, 1 errored; labels: " in line
     assert "spam 50.0%" in line and "not spam 50.0%" in line
     assert "rows/s" in line and str(tmp_path / "out") in line
