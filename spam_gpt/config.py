@@ -10,6 +10,7 @@ from spam_gpt.dataset import PADDING_MODES
 from spam_gpt.lora import require_peft
 from spam_gpt.model import MODEL_CONFIGS
 from spam_gpt.precision import TRAINING_PRECISIONS
+from spam_gpt.spelling import EMBEDDINGS, SPELLED
 
 RANDOM_WEIGHTS = "random"
 PACKING_MODES = ("auto", "off")
@@ -36,6 +37,14 @@ class TrainConfig:
         metadata={
             "help": f"layers to train: {', '.join(TRAINABLE_CHOICES)}, or {LORA} (adapters on "
             "a frozen GPT, needs spam-gpt[lora])"
+        },
+    )
+    embeddings: str = field(
+        default="table",
+        metadata={
+            "help": f"table: a row per token (chapter); {SPELLED}: while training, each "
+            "token's row plus shared vectors of its spelling's character n-grams, folded into "
+            "the table when saved (random weights only)"
         },
     )
     token: str = field(
@@ -95,6 +104,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {
             "trainable": TRAINABLE,
+            "embeddings": EMBEDDINGS,
             "token": TOKEN_CHOICES,
             "padding": PADDING_MODES,
             "packing": PACKING_MODES,
@@ -108,6 +118,11 @@ class TrainConfig:
                 )
         if self.weights == RANDOM_WEIGHTS and self.model not in MODEL_CONFIGS:
             raise ValueError(f"model must be one of {', '.join(MODEL_CONFIGS)}, not {self.model!r}")
+        if self.embeddings == SPELLED and self.weights != RANDOM_WEIGHTS:
+            raise ValueError(
+                f"--embeddings {SPELLED} trains token embeddings from scratch: it needs "
+                f"--weights {RANDOM_WEIGHTS}, not {self.weights!r}"
+            )
         positive = ("batch_size", "epochs", "eval_freq", "eval_iter", "lora_rank")
         for name in positive:
             if getattr(self, name) < 1:
@@ -135,10 +150,12 @@ PRESETS: dict[str, dict] = {
     "fast": {"padding": "batch", "token": "last_real"},
     # From scratch on a 2-core CPU: a small random model, every layer trained. Tuned with
     # sweeps over width, depth, learning rate, weight decay, dropout and --keep (see
-    # benchmarks/RESULTS.md): one block, strong weight decay, the best epoch kept.
+    # benchmarks/RESULTS.md): one block, strong weight decay, the best epoch kept, token
+    # embeddings that share their spelling (spam_gpt.spelling).
     "tiny": {
         "model": "tiny",
         "weights": RANDOM_WEIGHTS,
+        "embeddings": SPELLED,
         "trainable": "all",
         "token": "last_real",
         "padding": "batch",

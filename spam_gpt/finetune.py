@@ -34,6 +34,7 @@ from spam_gpt.lora import add_lora, merge_lora
 from spam_gpt.memory import PeakMemory, peak_rss_mb
 from spam_gpt.model import GPTModel, init_gpt2_weights, model_config
 from spam_gpt.plots import plot_confusion_matrix, plot_history
+from spam_gpt.spelling import SPELLED, fold_spelling, spell_embeddings
 from spam_gpt.tokenizer import encode_text
 from spam_gpt.training import (
     BestWeights,
@@ -141,6 +142,8 @@ def build_gpt(cfg: TrainConfig) -> tuple[GPTModel, str]:
         arch = model_config(cfg.model)
         gpt = GPTModel(dataclasses.replace(arch, drop_rate=cfg.drop_rate))
         init_gpt2_weights(gpt)
+        if cfg.embeddings == SPELLED:
+            spell_embeddings(gpt)
         return gpt, f"random ({cfg.model})"
     gpt, folder = load_pretrained_gpt(cfg.weights, cfg.drop_rate)
     return gpt, str(folder)
@@ -243,6 +246,7 @@ def finetune(
     trainable_parameters = count_parameters(classifier, trainable_only=True)
     if cfg.trainable == LORA:
         merge_lora(classifier)  # measured as it is saved, scored and served
+    fold_spelling(classifier.gpt)
 
     def confusion_of(split: str) -> torch.Tensor:
         return confusion_matrix_loader(
