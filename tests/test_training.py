@@ -148,7 +148,10 @@ def test_fixed_seeds_give_identical_runs():
 
 
 def test_keep_best_restores_the_best_epoch_and_patience_stops():
-    cfg = resolve_config("tiny", {"epochs": 6, "keep": "best", "patience": 2})
+    # The plain table, so that every epoch's weights compare key by key with the kept ones.
+    cfg = resolve_config(
+        "tiny", {"epochs": 6, "keep": "best", "patience": 2, "embeddings": "table"}
+    )
     weights_after = []
 
     def remember(history, state) -> None:
@@ -167,13 +170,13 @@ def test_keep_best_restores_the_best_epoch_and_patience_stops():
     assert metrics["validation_accuracy"] == history.val_accs[best - 1]
 
 
-def test_tiny_preset_reaches_93_percent(tiny_run):
+def test_tiny_preset_reaches_95_percent(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     print(
         f"tiny preset: {metrics['test_accuracy']:.4f} test accuracy, "
         f"{metrics['training_seconds']:.1f} s training"
     )
-    assert metrics["test_accuracy"] >= 0.93
+    assert metrics["test_accuracy"] >= 0.95  # 96.0 % at worst over twenty seeds
     for key in (
         "train_accuracy",
         "validation_accuracy",
