@@ -10,7 +10,7 @@ from spam_gpt.dataset import PADDING_MODES
 from spam_gpt.lora import require_peft
 from spam_gpt.model import MODEL_CONFIGS
 from spam_gpt.precision import TRAINING_PRECISIONS
-from spam_gpt.spelling import EMBEDDINGS, SPELLED
+from spam_gpt.spelling import EMBEDDINGS, SPELLED, TABLE
 
 RANDOM_WEIGHTS = "random"
 PACKING_MODES = ("auto", "off")
@@ -40,9 +40,9 @@ class TrainConfig:
         },
     )
     embeddings: str = field(
-        default="table",
+        default=TABLE,
         metadata={
-            "help": f"table: a row per token (chapter); {SPELLED}: while training, each "
+            "help": f"{TABLE}: a row per token (chapter); {SPELLED}: while training, each "
             "token's row plus shared vectors of its spelling's character n-grams, folded into "
             "the table when saved (random weights only)"
         },

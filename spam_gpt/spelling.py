@@ -26,8 +26,9 @@ from torch import nn
 
 from spam_gpt.tokenizer import get_tokenizer
 
+TABLE = "table"
 SPELLED = "spelled"
-EMBEDDINGS = ("table", SPELLED)
+EMBEDDINGS = (TABLE, SPELLED)
 NGRAM_SIZES = range(2, 6)
 NGRAM_BUCKETS = 1 << 15
 # Measured on the tiny preset (benchmarks/RESULTS.md): the n-gram vectors start wider than
