@@ -169,7 +169,9 @@ PRESETS: dict[str, dict] = {
 
 
 def resolve_config(preset: str, overrides: dict | None = None) -> TrainConfig:
-    """The preset's fields with ``overrides`` (unset ones, i.e. ``None``, ignored) on top."""
+    """The preset's fields with ``overrides`` (unset ones, i.e. ``None``, ignored) on top.
+    A preset's spelled embeddings go with its random weights: ``--preset tiny --weights
+    gpt2-small`` keeps the pretrained table unless ``--embeddings`` is given too."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(TrainConfig)}
@@ -177,4 +179,7 @@ def resolve_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     unknown = set(chosen) - known
     if unknown:
         raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
-    return TrainConfig(**{**PRESETS[preset], **chosen, "preset": preset})
+    settings = {**PRESETS[preset], **chosen, "preset": preset}
+    if settings.get("weights") != RANDOM_WEIGHTS and "embeddings" not in chosen:
+        settings.pop("embeddings", None)
+    return TrainConfig(**settings)

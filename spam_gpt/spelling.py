@@ -32,7 +32,7 @@ EMBEDDINGS = (TABLE, SPELLED)
 NGRAM_SIZES = range(2, 6)
 NGRAM_BUCKETS = 1 << 15
 # Measured on the tiny preset (benchmarks/RESULTS.md): the n-gram vectors start wider than
-# GPT-2's 0.02, since a token's share is their mean over about ten of them.
+# GPT-2's 0.02, since a token's share is their mean over about twenty of them.
 NGRAM_STD = 0.1
 FOLD_CHUNK = 4096
 

@@ -98,5 +98,9 @@ def test_spelled_embeddings_need_random_weights():
     assert resolve_config("chapter").embeddings == "table"
     with pytest.raises(ValueError, match="needs --weights random, not 'gpt2-small'"):
         resolve_config("chapter", {"embeddings": "spelled"})
+    # The tiny recipe on pretrained weights keeps their table, unless asked otherwise.
+    assert resolve_config("tiny", {"weights": "gpt2-small"}).embeddings == "table"
+    with pytest.raises(ValueError, match="needs --weights random, not 'gpt2-small'"):
+        resolve_config("tiny", {"weights": "gpt2-small", "embeddings": "spelled"})
     with pytest.raises(ValueError, match="embeddings must be one of table, spelled"):
         resolve_config("tiny", {"embeddings": "letters"})
