@@ -85,7 +85,8 @@ class SpelledEmbedding(nn.Module):
 
     def spelled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The mean n-gram vector of each of ``tokens`` (one dimension)."""
-        first, counts = self.starts[tokens], self.starts[tokens + 1] - self.starts[tokens]
+        first = self.starts[tokens]
+        counts = self.starts[tokens + 1] - first
         bag_starts = torch.cumsum(counts, 0) - counts
         flat = torch.arange(int(counts.sum()), device=tokens.device)
         flat += torch.repeat_interleave(first - bag_starts, counts)
